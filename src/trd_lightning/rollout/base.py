@@ -1,0 +1,97 @@
+"""The rollout-engine interface: sampling options in, token ids (and their log-probabilities) out."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass
+class Sampling:
+    """How to sample a completion. ``top_k=0`` and ``top_p=1`` turn those filters off."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 512
+    n: int = 1
+    greedy: bool = False
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"sampling temperature must be > 0 (got {self.temperature}); for greedy decoding set `greedy: true`")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling top_p must be in (0, 1] (got {self.top_p}); use 1.0 to turn it off")
+        if self.top_k < 0:
+            raise ValueError(f"sampling top_k must be >= 0 (got {self.top_k}); use 0 to turn it off")
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"sampling max_new_tokens must be > 0 (got {self.max_new_tokens})")
+        if self.n <= 0:
+            raise ValueError(f"sampling n (samples per prompt) must be > 0 (got {self.n})")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        if self.top_k > vocab_size:
+            raise ValueError(f"sampling top_k={self.top_k} is larger than the vocabulary ({vocab_size} tokens); lower it or use 0 to turn it off")
+
+
+@dataclass
+class Rollouts:
+    """Completions of a batch of prompts, ``n`` per prompt, in prompt order.
+
+    ``token_ids`` end with the stop token when generation stopped on one; ``truncated`` marks
+    those cut at ``max_new_tokens``. ``logprobs``, when the engine provides them, are the
+    log-probabilities of the sampled tokens under the model's unmodified (temperature 1) distribution.
+    """
+
+    prompt_index: list[int]
+    token_ids: list[list[int]]
+    texts: list[str]
+    truncated: list[bool]
+    logprobs: list[list[float]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def select(self, rows: Sequence[int]) -> Rollouts:
+        pick = lambda values: None if values is None else [values[i] for i in rows]  # noqa: E731
+        return Rollouts(*(pick(v) for v in (self.prompt_index, self.token_ids, self.texts, self.truncated, self.logprobs)))
+
+
+def split_completion(generated: Sequence[int], stop_ids: set[int], max_new_tokens: int) -> tuple[list[int], bool]:
+    """The completion up to and including its first stop token, and whether it was cut off instead."""
+    for i, token in enumerate(generated):
+        if token in stop_ids:
+            return list(generated[: i + 1]), False
+    return list(generated), len(generated) >= max_new_tokens
+
+
+class RolloutEngine(ABC):
+    """Generates completions. An engine serves named roles ("student", "teacher"); engines that
+    keep their own copy of the weights (vLLM) receive them through ``sync_weights``."""
+
+    tokenizer = None
+    stop_ids: set[int] = set()
+
+    def setup(self, tokenizer, stop_ids: set[int]) -> None:
+        self.tokenizer, self.stop_ids = tokenizer, set(stop_ids)
+
+    def sync_weights(self, role: str, model: nn.Module) -> None:
+        """Make ``role`` generate with ``model``'s current weights. Engines that run the live module need nothing."""
+
+    @property
+    def holds_weights(self) -> bool:
+        """Whether the engine generates from its own copy of the weights, which must be synced."""
+        return False
+
+    @abstractmethod
+    def generate(self, role: str, model: nn.Module, prompts: Sequence[Sequence[int]], sampling: Sampling) -> Rollouts:
+        """``sampling.n`` completions of each prompt, grouped by prompt."""
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def teardown(self) -> None:
+        pass

@@ -1,0 +1,112 @@
+"""The HF rollout engine on a real (tiny, random) model: stopping, truncation, n samples, current weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trd_lightning.models import ModelSpec, load_model
+from trd_lightning.rollout import HFEngine, Sampling
+from trd_lightning.rollout.base import split_completion
+from trd_lightning.views import ChatPrompts
+
+
+@pytest.fixture()
+def model(student_dir):
+    return load_model(ModelSpec(path=student_dir))
+
+
+@pytest.fixture()
+def prompts(tokenizer):
+    chat = ChatPrompts(tokenizer)
+    return [chat.chat_ids("1+2*3"), chat.chat_ids("9-8"), chat.chat_ids("5*5*5-1")]
+
+
+def engine_for(tokenizer, stop_ids, **kwargs):
+    engine = HFEngine(**kwargs)
+    engine.setup(tokenizer, stop_ids)
+    return engine
+
+
+def test_split_completion():
+    assert split_completion([5, 6, 2, 9, 9], {2}, 8) == ([5, 6, 2], False)
+    assert split_completion([5, 6, 7], {2}, 3) == ([5, 6, 7], True)
+    assert split_completion([2], {2}, 3) == ([2], False)
+
+
+def test_generation_stops_at_the_first_stop_token(tokenizer, model, prompts):
+    stop_ids = set(range(0, 180))  # most of the vocabulary, so a random model stops within a few tokens
+    engine = engine_for(tokenizer, stop_ids, batch_size=2)  # two generate calls, uneven
+    torch.manual_seed(0)
+    out = engine.generate("student", model, prompts, Sampling(max_new_tokens=40, n=3))
+    assert len(out) == 9 and out.prompt_index == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for ids, cut in zip(out.token_ids, out.truncated):
+        assert ids and not cut
+        assert ids[-1] in stop_ids and not any(t in stop_ids for t in ids[:-1])  # nothing after the stop token
+
+
+def test_truncated_rollouts_are_recorded(tokenizer, model, prompts):
+    engine = engine_for(tokenizer, {tokenizer.eos_token_id})
+    torch.manual_seed(0)
+    out = engine.generate("student", model, prompts, Sampling(max_new_tokens=6))
+    for ids, cut in zip(out.token_ids, out.truncated):
+        assert cut == (len(ids) == 6 and ids[-1] != tokenizer.eos_token_id)
+    assert any(out.truncated)
+
+
+def test_sampling_filters_reach_generate(tokenizer, model, prompts):
+    """top_k=1 is greedy decoding, whatever the temperature."""
+    engine = engine_for(tokenizer, {tokenizer.eos_token_id})
+    greedy = engine.generate("student", model, prompts, Sampling(greedy=True, max_new_tokens=8))
+    torch.manual_seed(1)
+    top1 = engine.generate("student", model, prompts, Sampling(temperature=3.0, top_k=1, max_new_tokens=8))
+    assert top1.token_ids == greedy.token_ids
+
+
+def test_rollouts_follow_the_current_weights(tokenizer, model, prompts):
+    """Same seed, same prompts: changing the weights in place changes what is sampled."""
+    engine = engine_for(tokenizer, {tokenizer.eos_token_id}, return_logprobs=True)
+    sampling = Sampling(temperature=1.0, max_new_tokens=12, n=2)
+    torch.manual_seed(3)
+    before = engine.generate("student", model, prompts, sampling)
+    torch.manual_seed(3)
+    again = engine.generate("student", model, prompts, sampling)
+    assert again.token_ids == before.token_ids  # deterministic given the seed
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    torch.manual_seed(3)
+    after = engine.generate("student", model, prompts, sampling)
+    assert after.token_ids != before.token_ids
+
+
+def test_engine_logprobs_are_the_models(tokenizer, model, prompts):
+    """Logprobs the engine reports equal a fresh forward pass's log-softmax at the sampled tokens."""
+    engine = engine_for(tokenizer, {tokenizer.eos_token_id}, return_logprobs=True)
+    torch.manual_seed(0)
+    out = engine.generate("student", model, prompts[:1], Sampling(temperature=0.7, top_p=0.9, max_new_tokens=10))
+    ids = prompts[0] + out.token_ids[0]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+    expected = logits.log_softmax(-1)[len(prompts[0]) - 1: -1].gather(-1, torch.tensor(out.token_ids[0])[:, None]).squeeze(-1)
+    torch.testing.assert_close(torch.tensor(out.logprobs[0]), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"temperature": -1.0}, "temperature must be > 0"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be > 0"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"n": 0}, "n \\(samples per prompt\\)"),
+    ],
+)
+def test_bad_sampling_is_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Sampling(**kwargs)
+
+
+def test_top_k_beyond_the_vocabulary_is_refused():
+    with pytest.raises(ValueError, match="top_k=1000 is larger than the vocabulary \\(259 tokens\\)"):
+        Sampling(top_k=1000).check_vocab(259)
