@@ -1,0 +1,96 @@
+"""Verifiers: does a response state the reference answer? Used for metrics, never in the loss."""
+
+from __future__ import annotations
+
+import re
+
+
+class AnswerParseError(ValueError):
+    pass
+
+
+class Verifier:
+    """Base class: ``extract`` pulls the final answer out of a response (None when it has none),
+    ``equal`` compares it with the reference answer."""
+
+    def extract(self, response: str) -> str | None:
+        raise NotImplementedError
+
+    def equal(self, predicted: str, answer: str) -> bool:
+        raise NotImplementedError
+
+    def check_answer(self, answer: str) -> None:
+        """Raise ``AnswerParseError`` when a dataset's reference answer cannot be compared at all."""
+
+    def score(self, response: str, answer: str) -> bool:
+        predicted = self.extract(response)
+        return predicted is not None and self.equal(predicted, answer)
+
+
+class ExactMatch(Verifier):
+    """The last match of ``pattern``'s first group, compared with the answer as stripped strings.
+    The default pattern reads the demo task's ``a:<answer>``."""
+
+    def __init__(self, pattern: str = r"a:\s*(\S+)"):
+        self.pattern = re.compile(pattern)
+        if self.pattern.groups < 1:
+            raise ValueError(f"ExactMatch pattern {pattern!r} needs a capture group around the answer")
+
+    def extract(self, response: str) -> str | None:
+        matches = self.pattern.findall(response)
+        if not matches:
+            return None
+        last = matches[-1]
+        return (last[0] if isinstance(last, tuple) else last).strip()
+
+    def equal(self, predicted: str, answer: str) -> bool:
+        return predicted.strip() == str(answer).strip()
+
+    def check_answer(self, answer: str) -> None:
+        if not str(answer).strip():
+            raise AnswerParseError("an empty reference answer can never be matched")
+
+
+class MathVerifier(Verifier):
+    """The last ``\\boxed{...}`` of a response, compared with the reference by ``math-verify``
+    (equivalent fractions, decimals, LaTeX and symbolic forms count as equal)."""
+
+    def __init__(self, float_rounding: int = 6):
+        self.float_rounding = float_rounding
+
+    @staticmethod
+    def _parse(text: str, anchored: bool):
+        from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+        configs = [LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=not anchored)]
+        if not anchored:
+            configs.append(ExprExtractionConfig())
+        return parse(text, extraction_config=configs)
+
+    def extract(self, response: str) -> str | None:
+        index = response.rfind("\\boxed")
+        if index < 0:
+            return None
+        parsed = self._parse(response[index:], anchored=True)
+        return parsed[-1] if parsed else None
+
+    def _gold(self, answer: str):
+        text = str(answer)
+        return self._parse(text if "$" in text or "\\boxed" in text else f"${text}$", anchored=False)
+
+    def equal(self, predicted: str, answer: str) -> bool:
+        from math_verify import verify
+
+        return bool(verify(self._gold(answer), self._parse(f"\\boxed{{{predicted}}}", anchored=True), float_rounding=self.float_rounding))
+
+    def score(self, response: str, answer: str) -> bool:
+        from math_verify import verify
+
+        index = response.rfind("\\boxed")
+        if index < 0:
+            return False
+        return bool(verify(self._gold(answer), self._parse(response[index:], anchored=True), float_rounding=self.float_rounding))
+
+    def check_answer(self, answer: str) -> None:
+        if not self._gold(answer):
+            raise AnswerParseError(f"math-verify cannot parse the reference answer {answer!r}")
