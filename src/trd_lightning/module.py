@@ -1,0 +1,343 @@
+"""DistillationModule: one training step is one straight line.
+
+    prompts -> rollouts y_o (RolloutCallback, current student weights)
+            -> Refiner: targets (y_o or y_r) and the teacher's contexts
+            -> views: the same target ids after each model's context
+            -> teacher forward (inference mode), student forward (grad)
+            -> Divergence -> loss
+            -> metrics
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from rapidfuzz.distance import Levenshtein
+
+from trd_lightning.data.prompts import PromptBatch
+from trd_lightning.evaluation import EvaluationMixin
+from trd_lightning.losses import Divergence, DivergenceOutput
+from trd_lightning.models import (
+    ModelSpec,
+    check_plain_head,
+    export_hf,
+    last_hidden_at,
+    load_model,
+    load_tokenizer,
+    output_head,
+    stop_token_ids,
+    vocab_size,
+)
+from trd_lightning.optim import WarmupCosine
+from trd_lightning.refiners import Identity, Refiner, TeacherAccess, Targets
+from trd_lightning.rollout import HFEngine, RolloutCallback, RolloutEngine, Rollouts, Sampling
+from trd_lightning.rollout.callback import STUDENT
+from trd_lightning.teachers import Teacher
+from trd_lightning.verifiers import ExactMatch, Verifier
+from trd_lightning.views import ChatPrompts, Views, build_views
+
+TEACHER = "teacher"
+
+
+class DistillationModule(EvaluationMixin, LightningModule):
+    """Distils a teacher into the student on the student's own rollouts (OPD, OPSD, TRD).
+
+    Args:
+        student: the model being trained (a local path or a config; optional LoRA).
+        teacher: ``SeparateTeacher`` (OPD) or ``SelfTeacher`` (OPSD).
+        refiner: ``Identity`` (train on y_o) or ``TeacherRewrite`` (TRD: train on y_r).
+        divergence: the per-token loss; null takes the refiner's default (reverse KL for
+            Identity, forward KL for TeacherRewrite, both over the full vocabulary).
+        engine: generates rollouts (``HFEngine`` by default).
+        sampling: how the student samples y_o (``n`` rollouts per prompt).
+        eval_sampling: how validation and test sample (``n`` per problem, for Avg@n / Pass@k).
+        verifier: checks answers, for metrics only (never in the loss).
+        optimizer: an optimizer class and its arguments (``class_path`` / ``init_args``).
+        lr_schedule: warmup + cosine; null keeps the learning rate constant.
+        max_context_tokens: the limit on a teacher context (refine or privileged prompt); longer
+            ones lose tail tokens of the attempt or reference, never of the problem.
+        sync_every: for engines with their own weights, sync them every this many optimizer steps.
+        pass_k: the k of Pass@k in evaluation (each <= eval_sampling.n).
+        log_samples_every: write sample (problem, y_o, y_r) text to the logger every this many steps.
+        evaluate_teacher: in ``test``, also score what the teacher produces (its own solution in
+            its context, or its rewrites of the student's rollouts).
+        export_student: at the end of fit, save the student with ``save_pretrained`` in the log dir.
+    """
+
+    def __init__(
+        self,
+        student: ModelSpec,
+        teacher: Teacher | None = None,
+        refiner: Refiner | None = None,
+        divergence: Divergence | None = None,
+        engine: RolloutEngine | None = None,
+        sampling: Sampling | None = None,
+        eval_sampling: Sampling | None = None,
+        verifier: Verifier | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_schedule: WarmupCosine | None = None,
+        max_context_tokens: int = 4096,
+        sync_every: int = 1,
+        pass_k: Sequence[int] = (1,),
+        log_samples_every: int = 50,
+        evaluate_teacher: bool = True,
+        export_student: bool = True,
+    ):
+        super().__init__()
+        if teacher is None:
+            raise ValueError(
+                "DistillationModule needs a teacher: set model.teacher to SeparateTeacher (OPD, a separate "
+                "model) or SelfTeacher (OPSD, the student's own model with privileged context)"
+            )
+        if max_context_tokens <= 0:
+            raise ValueError(f"max_context_tokens must be > 0 (got {max_context_tokens})")
+        self.student_spec = student
+        self.teacher = teacher
+        self.refiner = refiner or Identity()
+        self.divergence = divergence or self.refiner.default_divergence()
+        self.engine = engine or HFEngine()
+        self.sampling = sampling or Sampling()
+        self.eval_sampling = eval_sampling or Sampling(greedy=True)
+        self.verifier = verifier or ExactMatch()
+        self.optimizer_factory = optimizer
+        self.lr_schedule = lr_schedule
+        self.max_context_tokens = max_context_tokens
+        self.sync_every = sync_every
+        self.pass_k = list(pass_k)
+        self.log_samples_every = log_samples_every
+        self.evaluate_teacher = evaluate_teacher
+        self.export_student = export_student
+        self.tokenizer = load_tokenizer(student)
+        self.prompts = ChatPrompts(self.tokenizer)
+        self.student = None
+        self.teacher_model = None  # the teacher's own weights, when it has any (not for a live/LoRA self-teacher)
+        self.stop_ids: set[int] = set()
+        self.timings: dict[str, float] = {}
+        self.skipped_empty = 0
+        self.metrics = self.build_metrics("val_student", "test_student", "test_teacher")
+
+    # -- setup -------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.student is not None:
+            return
+        self.student = load_model(self.student_spec)
+        self.teacher_model = self.teacher.build(self.student)
+        with self.teacher_scope() as teacher:
+            self.check_vocabularies(teacher)
+            check_plain_head(teacher, "teacher")
+        check_plain_head(self.student, "student")
+        vocab = vocab_size(self.student)
+        for sampling in (self.sampling, self.eval_sampling, getattr(self.refiner, "sampling", None)):
+            if sampling is not None:
+                sampling.check_vocab(vocab)
+        self.divergence.check_vocab(vocab)
+        self.stop_ids = stop_token_ids(self.tokenizer, self.student)
+        self.engine.setup(self.tokenizer, self.stop_ids)
+
+    def check_vocabularies(self, teacher: torch.nn.Module) -> None:
+        student_size, teacher_size = vocab_size(self.student), vocab_size(teacher)
+        if student_size != teacher_size:
+            raise ValueError(
+                f"student and teacher must share a vocabulary: the student's has {student_size} tokens and the "
+                f"teacher's {teacher_size}; pick a teacher from the student's model family"
+            )
+        spec = getattr(self.teacher, "model", None)
+        if spec is not None and (spec.tokenizer or spec.path):
+            try:
+                teacher_vocab = load_tokenizer(spec).get_vocab()
+            except (OSError, ValueError):
+                return  # the teacher ships no tokenizer of its own; the head sizes matched
+            if teacher_vocab != self.tokenizer.get_vocab():
+                raise ValueError("student and teacher tokenizers map tokens to different ids; they must share one vocabulary")
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if "solution" in self.refiner.required_fields() and datamodule is not None and not datamodule.has_solutions:
+            raise ValueError(
+                "the refiner's templates need the reference solution (OPSD and reference-based refining read it), "
+                "but the data has none; set data.solution_field to the column that holds it"
+            )
+
+    def configure_callbacks(self):
+        return [RolloutCallback(self.sync_every)]
+
+    def configure_optimizers(self):
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.lr_schedule is None:
+            return optimizer
+        scheduler = self.lr_schedule.build(optimizer, int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher_model is not None:
+            self.teacher_model.eval()  # never dropout in the teacher, whatever Lightning toggles
+        return self
+
+    # -- the teacher ---------------------------------------------------------------------------------
+    @contextmanager
+    def teacher_scope(self):
+        with self.teacher.scope(self.student, self.teacher_model) as model:
+            yield model
+
+    def teacher_generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> Rollouts:
+        with self.teacher_scope() as teacher:
+            if self.engine.holds_weights and (not self.teacher.is_self or not getattr(self.teacher, "frozen", True)):
+                self.engine.sync_weights(TEACHER, teacher)
+            return self.engine.generate(TEACHER, teacher, prompts, sampling)
+
+    @property
+    def teacher_access(self) -> TeacherAccess:
+        return TeacherAccess(self.prompts, self.max_context_tokens, self.verifier, self.stop_ids, self.teacher_generate)
+
+    # -- the step ------------------------------------------------------------------------------------
+    def make_views(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets) -> Views:
+        student_contexts = [batch.prompt_ids[i] for i in rollouts.prompt_index]
+        return build_views(student_contexts, targets.teacher_contexts, targets.token_ids, self.tokenizer.pad_token_id)
+
+    def distill(self, views: Views) -> DivergenceOutput:
+        """Teacher forward without autograd, student forward with it, and the fused divergence."""
+        device = self.device
+        start = time.perf_counter()
+        teacher_in, student_in = views.teacher.to(device), views.student.to(device)
+        with torch.inference_mode(), self.teacher_scope() as teacher:
+            teacher_hidden = last_hidden_at(teacher, teacher_in.input_ids, teacher_in.attention_mask, *teacher_in.predicting_positions())
+            teacher_weight, teacher_bias = output_head(teacher)
+        # Inference tensors cannot be saved for backward: clone into normal tensors before they meet the graph.
+        teacher_hidden = teacher_hidden.clone()
+        self.timings["teacher"] = time.perf_counter() - start
+        start = time.perf_counter()
+        student_hidden = last_hidden_at(self.student, student_in.input_ids, student_in.attention_mask, *student_in.predicting_positions())
+        student_weight, student_bias = output_head(self.student)
+        out = self.divergence(
+            student_hidden, student_weight, teacher_hidden, teacher_weight,
+            views.target_ids.to(device), views.target_lengths, student_bias, teacher_bias,
+        )
+        self.timings["student_forward"] = time.perf_counter() - start
+        return out
+
+    def training_step(self, batch: PromptBatch, batch_idx: int):
+        rollouts = batch.rollouts
+        if rollouts is None:
+            raise RuntimeError("the batch has no rollouts: DistillationModule relies on its RolloutCallback (configure_callbacks)")
+        start = time.perf_counter()
+        targets = self.refiner.refine(batch, rollouts, self.teacher_access)
+        self.timings["refine"] = time.perf_counter() - start
+        views = self.make_views(batch, rollouts, targets)
+        self.log_step(batch, rollouts, targets, views)
+        if views.num_target_tokens == 0:
+            self.skipped_empty += 1
+            self.log("train/skipped_empty_steps", float(self.skipped_empty))
+            return None
+        out = self.distill(views)
+        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=len(rollouts))
+        self.log("train/clip_fraction", out.clipped.float().mean(), batch_size=len(rollouts))
+        return out.loss
+
+    def on_before_backward(self, loss):
+        self._backward_start = time.perf_counter()
+
+    def on_after_backward(self):
+        self.timings["backward"] = time.perf_counter() - getattr(self, "_backward_start", time.perf_counter())
+        for name, seconds in self.timings.items():
+            self.log(f"time/{name}", seconds)
+
+    # -- step metrics --------------------------------------------------------------------------------
+    def log_step(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets, views: Views) -> None:
+        n = len(rollouts)
+        answers = [batch.answer[i] for i in rollouts.prompt_index]
+        y_o_correct = [self.verifier.score(t, a) for t, a in zip(rollouts.texts, answers)]
+        stats = {
+            "rollout/length": sum(map(len, rollouts.token_ids)) / n,
+            "rollout/truncated": sum(rollouts.truncated) / n,
+            "rollout/accuracy": sum(y_o_correct) / n,
+            "train/target_tokens": float(views.num_target_tokens),
+        }
+        refined = [r for r in range(n) if targets.refined[r]]
+        stats["refine/refined_fraction"] = len(refined) / n
+        stats["refine/fallbacks"] = float(sum(targets.fallback))
+        if refined:
+            y_r_correct = {r: self.verifier.score(targets.texts[r], answers[r]) for r in refined}
+            failed = [r for r in refined if not y_o_correct[r]]
+            passed = [r for r in refined if y_o_correct[r]]
+            stats["refine/accuracy_y_o"] = sum(y_o_correct[r] for r in refined) / len(refined)
+            stats["refine/accuracy_y_r"] = sum(y_r_correct.values()) / len(refined)
+            if failed:
+                stats["refine/fail_to_pass"] = sum(y_r_correct[r] for r in failed) / len(failed)
+            if passed:
+                stats["refine/pass_to_fail"] = sum(not y_r_correct[r] for r in passed) / len(passed)
+            stats["refine/length_y_o"] = sum(len(rollouts.token_ids[r]) for r in refined) / len(refined)
+            stats["refine/length_y_r"] = sum(len(targets.token_ids[r]) for r in refined) / len(refined)
+            stats["refine/edit_similarity"] = sum(
+                Levenshtein.normalized_similarity(rollouts.token_ids[r], targets.token_ids[r]) for r in refined
+            ) / len(refined)
+        self.log_dict(stats, batch_size=n)
+        if self.log_samples_every and self.global_step % self.log_samples_every == 0:
+            self.log_samples(batch, rollouts, targets)
+
+    def log_samples(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets, count: int = 4) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_text"):
+            return
+        rows = []
+        for r in range(min(count, len(rollouts))):
+            i = rollouts.prompt_index[r]
+            rows.append(
+                f"**problem** {batch.problem[i]}  \n**answer** {batch.answer[i]}  \n**y_o** `{rollouts.texts[r]}`"
+                + (f"  \n**y_r** `{targets.texts[r]}`" if targets.refined[r] else "")
+            )
+        experiment.add_text("samples", "\n\n---\n\n".join(rows), self.global_step)
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    def sync_student(self) -> None:
+        if self.engine.holds_weights:
+            self.engine.sync_weights(STUDENT, self.student)
+
+    def evaluate(self, batch: PromptBatch, stage: str) -> Rollouts:
+        rollouts = self.engine.generate(STUDENT, self.student, batch.prompt_ids, self.eval_sampling)
+        self.score(stage, "student", batch, rollouts)
+        return rollouts
+
+    def on_validation_epoch_start(self):
+        self.sync_student()
+
+    def on_test_epoch_start(self):
+        self.sync_student()
+
+    def validation_step(self, batch: PromptBatch, batch_idx: int):
+        self.evaluate(batch, "val")
+
+    def test_step(self, batch: PromptBatch, batch_idx: int):
+        rollouts = self.evaluate(batch, "test")
+        if self.evaluate_teacher:
+            teacher_out = self.refiner.teacher_solutions(batch, rollouts, self.teacher_access, self.eval_sampling)
+            self.score("test", "teacher", batch, teacher_out)
+
+    # -- the end ---------------------------------------------------------------------------------------
+    def on_fit_end(self):
+        if not self.export_student or self.trainer.global_rank != 0:
+            return
+        directory = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "student_hf"
+        export_hf(self.student, self.tokenizer, directory)
+        rank_zero_info(f"exported the student to {directory}")
+
+    # Checkpoints hold the teacher only when it cannot be reloaded from its path (a step-0 copy).
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if not self.teacher.persistent:
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("teacher_model.")]:
+                del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if not self.teacher.persistent and self.teacher_model is not None:
+            state = checkpoint["state_dict"]
+            for key, value in self.teacher_model.state_dict().items():
+                state.setdefault(f"teacher_model.{key}", value)

@@ -1,0 +1,33 @@
+"""The learning-rate schedule of the reference recipe: linear warmup, then cosine decay to a floor."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+
+@dataclass
+class WarmupCosine:
+    """Warm up over ``warmup_ratio`` of the run, then follow a cosine down to ``min_lr_ratio`` x the peak."""
+
+    warmup_ratio: float = 0.1
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self):
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
+
+    def factor(self, step: int, total_steps: int) -> float:
+        warmup = int(self.warmup_ratio * total_steps)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def build(self, optimizer: Optimizer, total_steps: int) -> LambdaLR:
+        return LambdaLR(optimizer, lambda step: self.factor(step, total_steps))

@@ -1,0 +1,71 @@
+"""The Refiner interface: from the student's rollouts y_o to the training targets and the teacher's contexts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from trd_lightning.data.prompts import PromptBatch
+from trd_lightning.losses import Divergence
+from trd_lightning.rollout.base import Rollouts, Sampling
+from trd_lightning.templates import PROBLEM, Template
+from trd_lightning.verifiers import Verifier
+from trd_lightning.views import ChatPrompts
+
+
+@dataclass
+class Targets:
+    """One training target per rollout row, and the context the teacher scores it in."""
+
+    token_ids: list[list[int]]
+    texts: list[str]
+    teacher_contexts: list[list[int]]
+    refined: list[bool]  # the target is a teacher rewrite y_r
+    fallback: list[bool]  # a rewrite was rejected and y_o kept
+
+
+@dataclass
+class TeacherAccess:
+    """What a refiner may use of the teacher: its prompts, its context limit, generation, the verifier."""
+
+    prompts: ChatPrompts
+    max_context_tokens: int
+    verifier: Verifier
+    stop_ids: set[int]
+    generate: Callable[[Sequence[Sequence[int]], Sampling], Rollouts]
+
+
+class Refiner:
+    """Base class. Subclasses set how targets are made (``refine``) and which divergence fits them."""
+
+    def default_divergence(self) -> Divergence:
+        return Divergence(direction="reverse", support="full")
+
+    def required_fields(self) -> set[str]:
+        """Data fields (besides the problem) the refiner's templates need, e.g. ``{"solution"}``."""
+        return set()
+
+    def refine(self, batch: PromptBatch, rollouts: Rollouts, teacher: TeacherAccess) -> Targets:
+        raise NotImplementedError
+
+    def teacher_solutions(self, batch: PromptBatch, rollouts: Rollouts, teacher: TeacherAccess, sampling: Sampling) -> Rollouts:
+        """What the teacher itself produces for these problems (for evaluation): its own solution
+        in its scoring context, or its rewrite of each rollout."""
+        raise NotImplementedError
+
+    @staticmethod
+    def contexts(template: Template | None, batch: PromptBatch, prompt_index: Sequence[int], teacher: TeacherAccess) -> list[list[int]]:
+        """The teacher's context for each row: the student's own prompt when ``template`` is None,
+        else ``template`` filled with the problem (and the reference solution)."""
+        if template is None:
+            return [batch.prompt_ids[i] for i in prompt_index]
+        rendered = {}
+        for i in sorted(set(prompt_index)):
+            rendered[i] = teacher.prompts.encode(
+                template, teacher.max_context_tokens, problem=batch.problem[i], solution=batch.solution[i]
+            )
+        return [rendered[i] for i in prompt_index]
+
+    @staticmethod
+    def optional_template(spec: str | None, role: str) -> Template | None:
+        return None if spec is None else Template(spec, role).require(PROBLEM)

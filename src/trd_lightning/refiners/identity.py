@@ -1,0 +1,32 @@
+"""OPD and OPSD: the targets are the student's own rollouts y_o."""
+
+from __future__ import annotations
+
+from trd_lightning.data.prompts import PromptBatch
+from trd_lightning.refiners.base import Refiner, TeacherAccess, Targets
+from trd_lightning.rollout.base import Rollouts, Sampling
+from trd_lightning.templates import PROBLEM
+
+
+class Identity(Refiner):
+    """Train on y_o. The teacher scores it in the student's own context (OPD, ``teacher_template:
+    null``) or in a privileged one holding the reference solution (OPSD, e.g. ``math_privileged``)."""
+
+    def __init__(self, teacher_template: str | None = None):
+        self.teacher_template = self.optional_template(teacher_template, "refiner teacher_template")
+
+    def required_fields(self) -> set[str]:
+        return set(self.teacher_template.fields) - {PROBLEM} if self.teacher_template else set()
+
+    def refine(self, batch: PromptBatch, rollouts: Rollouts, teacher: TeacherAccess) -> Targets:
+        n = len(rollouts)
+        return Targets(
+            token_ids=rollouts.token_ids,
+            texts=rollouts.texts,
+            teacher_contexts=self.contexts(self.teacher_template, batch, rollouts.prompt_index, teacher),
+            refined=[False] * n,
+            fallback=[False] * n,
+        )
+
+    def teacher_solutions(self, batch: PromptBatch, rollouts: Rollouts, teacher: TeacherAccess, sampling: Sampling) -> Rollouts:
+        return teacher.generate(self.contexts(self.teacher_template, batch, range(len(batch)), teacher), sampling)
