@@ -80,17 +80,33 @@ def sample_problems(n: int, steps: int, seed: int, exclude: set[str] | None = No
     return out
 
 
-def flawed_attempt(problem: ChainProblem, rng: random.Random) -> tuple[str, int]:
-    """A worked solution with one wrong step, continued consistently from the wrong value,
-    as a weak student writes it. Returns the text and the index of the first wrong step."""
+CORRUPTIONS = ("slip", "copy", "noise", "truncate")
+
+
+def flawed_attempt(problem: ChainProblem, rng: random.Random, kinds: tuple[str, ...] = ("slip",)) -> tuple[str, int]:
+    """A worked solution with mistakes, as a weak student writes it. Returns the text and the index of
+    its first wrong step. Kinds of mistake (one is drawn from ``kinds``):
+
+    - ``slip``: one wrong result, then every later step computed consistently from it;
+    - ``copy``: one operator or operand miscopied from the problem, then consistent;
+    - ``noise``: several wrong results and miscopied operands;
+    - ``truncate``: a slip, and the attempt cut off before its end.
+    """
+    kind = kinds[0] if len(kinds) == 1 else rng.choice(kinds)  # one kind draws nothing, keeping old streams
     first = min(int(rng.expovariate(1.0 / 1.5)), len(problem.ops) - 1)  # early slips are the common ones
-    results, value = [], problem.start
+    results, ops, value = [], [], problem.start
     for i, (op, b) in enumerate(problem.ops):
+        if (kind == "copy" and i == first) or (kind == "noise" and i >= first and rng.random() < 0.3):
+            op, b = (rng.choice(OPS.replace(op, "")), b) if rng.random() < 0.5 else (op, (b + rng.randrange(1, 10)) % 10)
         value = apply(value, op, b)
-        if i == first or (i > first and rng.random() < 0.2):
+        if (kind != "copy" and i == first) or (i > first and rng.random() < (0.3 if kind == "noise" else 0.2)):
             value = (value + rng.randrange(1, 10)) % 10
         results.append(value)
-    return render_steps(problem.start, problem.ops, results), first
+        ops.append((op, b))
+    text = render_steps(problem.start, ops, results)
+    if kind == "truncate":
+        text = text[: rng.randrange(1, len(text))]
+    return text, first_error_step(problem, text)
 
 
 def first_error_step(problem: ChainProblem, response: str) -> int | None:

@@ -1,0 +1,61 @@
+"""Supervised fine-tuning data: (user message, response) pairs; the loss covers the response only.
+
+Validation and test splits are prompt data (problems with answers), so SFT runs report the
+same generation accuracy as distillation runs.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from torch.utils.data import DataLoader
+
+from trd_lightning.data.prompts import DataError, PromptDataModule, PromptDataset, read_records
+from trd_lightning.models import stop_token_ids
+from trd_lightning.views import ChatPrompts, ModelInputs, pack
+
+
+def collate_examples(items: list[dict], pad_id: int) -> ModelInputs:
+    return pack([it["prompt_ids"] for it in items], [it["target_ids"] for it in items], pad_id)
+
+
+class SFTDataModule(PromptDataModule):
+    """``train_path`` holds rows with ``prompt_field`` (the user message) and ``response_field``."""
+
+    def __init__(self, *args, prompt_field: str = "prompt", response_field: str = "response", max_tokens: int = 2048, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prompt_field, self.response_field, self.max_tokens = prompt_field, response_field, max_tokens
+
+    def train_examples(self) -> list[tuple[str, str]]:
+        records = read_records(self.paths["train"]) if self.paths["train"] else []
+        for record in records:
+            for column in (self.prompt_field, self.response_field):
+                if column not in record:
+                    raise DataError(f"{self.paths['train']}:{record.get('_line', '?')}: missing the field {column!r}")
+        return [(str(r[self.prompt_field]), str(r[self.response_field])) for r in records]
+
+    def prepare(self, split: str) -> PromptDataset:
+        if split != "train":
+            return super().prepare(split)
+        if split not in self.datasets:
+            examples = self.train_examples()
+            if not examples:
+                raise DataError("SFT training data is empty: it needs at least one (prompt, response) pair")
+            prompts, stop_ids = ChatPrompts(self.tokenizer, self.system_prompt), stop_token_ids(self.tokenizer)
+            items = []
+            for i, (message, response) in enumerate(examples):
+                prompt, target = prompts.chat_ids(message), prompts.response_ids(message, response, stop_ids)
+                if len(prompt) + len(target) > self.max_tokens:
+                    raise DataError(f"SFT example {i} is {len(prompt) + len(target)} tokens, over max_tokens={self.max_tokens}")
+                items.append({"prompt_ids": prompt, "target_ids": target})
+            self.datasets[split] = PromptDataset(items)
+        return self.datasets[split]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.prepare("train"),
+            batch_size=self.batch_size,
+            shuffle=True,
+            collate_fn=partial(collate_examples, pad_id=self.tokenizer.pad_token_id),
+            num_workers=self.num_workers,
+        )

@@ -1,0 +1,82 @@
+"""SFTModule: supervised fine-tuning of a causal LM on responses (builds the demo's teacher and student)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+
+from trd_lightning.data.prompts import PromptBatch
+from trd_lightning.evaluation import EvaluationMixin
+from trd_lightning.models import ModelSpec, export_hf, last_hidden_at, load_model, load_tokenizer, output_head, stop_token_ids
+from trd_lightning.optim import WarmupCosine
+from trd_lightning.rollout import HFEngine, RolloutEngine, Sampling
+from trd_lightning.verifiers import ExactMatch, Verifier
+from trd_lightning.views import ModelInputs
+
+
+class SFTModule(EvaluationMixin, LightningModule):
+    """Cross-entropy on the response tokens only (token-mean), then ``save_pretrained`` to ``export_dir``
+    (default: ``<log dir>/model_hf``) at the end of fit. Validation reports generation accuracy."""
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_schedule: WarmupCosine | None = None,
+        engine: RolloutEngine | None = None,
+        eval_sampling: Sampling | None = None,
+        verifier: Verifier | None = None,
+        pass_k: Sequence[int] = (1,),
+        export_dir: str | None = None,
+    ):
+        super().__init__()
+        self.model_spec = model
+        self.optimizer_factory = optimizer
+        self.lr_schedule = lr_schedule
+        self.engine = engine or HFEngine()
+        self.eval_sampling = eval_sampling or Sampling(greedy=True)
+        self.verifier = verifier or ExactMatch()
+        self.pass_k = list(pass_k)
+        self.export_dir = export_dir
+        self.tokenizer = load_tokenizer(model)
+        self.model = None
+        self.metrics = self.build_metrics("val_model", "test_model")
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = load_model(self.model_spec)
+            self.engine.setup(self.tokenizer, stop_token_ids(self.tokenizer, self.model))
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
+        if self.lr_schedule is None:
+            return optimizer
+        scheduler = self.lr_schedule.build(optimizer, int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def training_step(self, batch: ModelInputs, batch_idx: int):
+        rows, cols = batch.predicting_positions()
+        hidden = last_hidden_at(self.model, batch.input_ids, batch.attention_mask, rows, cols)
+        weight, bias = output_head(self.model)
+        logits = F.linear(hidden, weight, bias).float()
+        loss = F.cross_entropy(logits, batch.input_ids[batch.target_mask])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch.input_ids.shape[0])
+        return loss
+
+    def validation_step(self, batch: PromptBatch, batch_idx: int):
+        self.score("val", "model", batch, self.engine.generate("student", self.model, batch.prompt_ids, self.eval_sampling))
+
+    def test_step(self, batch: PromptBatch, batch_idx: int):
+        self.score("test", "model", batch, self.engine.generate("student", self.model, batch.prompt_ids, self.eval_sampling))
+
+    def on_fit_end(self):
+        if self.trainer.global_rank == 0:
+            directory = Path(self.export_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "model_hf")
+            export_hf(self.model, self.tokenizer, directory)
+            rank_zero_info(f"exported the model to {directory}")
