@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -129,24 +131,23 @@ class Divergence:
         return values, grads
 
     def _dense(self, student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
-        s = student_logits.log_softmax(-1)
-        q_log = teacher_logits.log_softmax(-1)
-        del student_logits, teacher_logits
+        s = _log_softmax_(student_logits)  # log p, in place: no second [C, V] buffer per model
+        t = _log_softmax_(teacher_logits)  # log q
         p = s.exp()
         beta = self.beta if self.direction == "jsd" else (1.0 if self.direction == "reverse" else 0.0)
         if beta == 0.0:  # forward KL(q || p): value sum q (log q - log p), gradient p - q
-            q = q_log.exp()
-            values = (q * (q_log - s)).sum(-1)
+            q = t.exp()
+            values = _rowdot(q, t.sub_(s))
             return values, p.sub_(q)
         if beta == 1.0:  # reverse KL(p || q): gradient p * (log p - log q - KL)
-            diff = s.sub_(q_log)
-            values = (p * diff).sum(-1)
+            diff = s.sub_(t)
+            values = _rowdot(p, diff)
             return values, diff.sub_(values[:, None]).mul_(p)
         # JSD(beta): d/dp = (1 - beta)(log p - log m); through the softmax, g = p * (d - sum p d).
-        log_m = torch.logaddexp(q_log + torch.log(torch.tensor(beta)), s + torch.log(torch.tensor(1.0 - beta)))
-        values = beta * (q_log.exp() * (q_log - log_m)).sum(-1) + (1 - beta) * (p * (s - log_m)).sum(-1)
+        log_m = torch.logaddexp(t + math.log(beta), s + math.log(1.0 - beta))
+        values = beta * _rowdot(t.exp(), t - log_m) + (1 - beta) * _rowdot(p, s - log_m)
         d = s.sub_(log_m).mul_(1 - beta)
-        return values, d.sub_((p * d).sum(-1, keepdim=True)).mul_(p)
+        return values, d.sub_(_rowdot(p, d)[:, None]).mul_(p)
 
     def _sampled(self, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         s_lse = student_logits.logsumexp(-1)
@@ -191,6 +192,15 @@ class Divergence:
         return DivergenceOutput(loss, per_token, clipped)
 
 
+def _log_softmax_(logits: Tensor) -> Tensor:
+    return logits.sub_(logits.logsumexp(-1, keepdim=True))
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """sum(a * b, -1) without a [C, V] product: one batched matrix product."""
+    return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
+
+
 def _logits(hidden: Tensor, head: Tensor, bias: Tensor | None) -> Tensor:
     logits = hidden @ head.T
     if bias is not None:
@@ -223,8 +233,8 @@ class _FusedHeadDivergence(torch.autograd.Function):
                 grads.mul_(weights[rows, None])  # now d loss / d logits for these rows
                 if grad_h is not None:
                     grad_h[rows] = (grads.to(w.dtype) @ w).to(h.dtype)
-                if grad_w is not None:
-                    grad_w += (grads.T.to(h.dtype) @ h[rows]).float()
+                if grad_w is not None:  # accumulate in fp32, in place: no [V, H] temporary per chunk
+                    grad_w.addmm_(grads.T, h[rows].float())
                 if grad_b is not None:
                     grad_b += grads.sum(0)
                 del grads
@@ -239,6 +249,7 @@ class _FusedHeadDivergence(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_per_token, _grad_clipped):
         grads = []
         for saved, has, dtype in zip(ctx.saved_tensors, ctx.has, ctx.dtypes):
-            grads.append((saved * grad_loss).to(dtype) if has else None)
+            # In place: the saved gradients are used once (the graph is not retained).
+            grads.append(saved.mul_(grad_loss).to(dtype) if has else None)
         grad_h, grad_w, grad_b = grads
         return grad_h, grad_w, grad_b, None, None, None, None, None, None
