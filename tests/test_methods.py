@@ -34,6 +34,20 @@ def test_each_demo_config_trains_two_steps(method, tmp_path):
     assert all(v > 0 for v in refined) if method.startswith("trd") else all(v == 0 for v in refined)
 
 
+@pytest.mark.parametrize("baseline", sorted(p.stem for p in (ROOT / "configs" / "demo" / "baselines").glob("*.yaml")))
+def test_each_token_level_baseline_is_a_config_overlay(baseline, tmp_path):
+    main(["fit", "--config", str(ROOT / "configs" / "demo" / "opd.yaml"),
+          "--config", str(ROOT / "configs" / "demo" / "baselines" / f"{baseline}.yaml"), "--trainer.max_steps=1",
+          f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1",
+          "--validate_before_fit=false", "--trainer.limit_val_batches=0", "--data.init_args.batch_size=4",
+          "--model.init_args.export_student=false"])
+    logged = scalars(tmp_path / f"demo_opd_{baseline}" / "version_0")
+    assert logged["train/loss"][0][0] == 0
+    assert logged["train/divergence_p50"][0][1] <= logged["train/divergence_p99"][0][1] <= logged["train/divergence_max"][0][1]
+    if baseline == "fkl_clip":
+        assert logged["train/divergence_max"][0][1] <= 0.1 + 1e-6
+
+
 def reference_overrides(method, student_dir, teacher_dir, chain_data, tmp_path):
     """Tiny stand-ins for the Qwen3 models, the math data and the GPU trainer of a reference config."""
     demo_templates = {"opsd": ["--model.init_args.refiner.init_args.teacher_template=demo_privileged"],

@@ -239,8 +239,16 @@ class DistillationModule(EvaluationMixin, LightningModule):
             return None
         out = self.distill(views)
         self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=len(rollouts))
-        self.log("train/clip_fraction", out.clipped.float().mean(), batch_size=len(rollouts))
+        self.log_divergence(out, len(rollouts))
         return out.loss
+
+    def log_divergence(self, out: DivergenceOutput, batch_size: int) -> None:
+        """Quantiles of the per-token values over the batch's target tokens, and the clip fraction."""
+        values = out.per_token.float()
+        p50, p95, p99 = torch.quantile(values, torch.tensor([0.5, 0.95, 0.99], device=values.device)).tolist()
+        self.log_dict({"train/divergence_p50": p50, "train/divergence_p95": p95, "train/divergence_p99": p99,
+                       "train/divergence_max": values.max().item(), "train/clip_fraction": out.clipped.float().mean().item()},
+                      batch_size=batch_size)
 
     def on_before_backward(self, loss):
         self._backward_start = time.perf_counter()
