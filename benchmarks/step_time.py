@@ -56,7 +56,7 @@ def bare_loop(module: DistillationModule, datamodule, steps: int, lr: float, cli
         start = time.perf_counter()
         rollouts = module.engine.generate(STUDENT, module.student, batch.prompt_ids, module.sampling)
         targets = module.refiner.refine(batch, rollouts, module.teacher_access)
-        loss = module.distill(module.make_views(batch, rollouts, targets)).loss
+        loss = module.distill(module.make_views(batch, rollouts, targets))[0].loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.student.parameters(), clip)
         optimizer.step()

@@ -59,7 +59,7 @@ def test_missing_solution_suggests_turning_it_off(tmp_path, tokenizer):
         PromptDataModule(train_path=path, prompt_template="demo_student", tokenizer=tokenizer).setup("fit")
     dm = PromptDataModule(train_path=path, prompt_template="demo_student", solution_field=None, tokenizer=tokenizer)
     dm.setup("fit")
-    assert dm.datasets["train"][0]["solution"] is None and not dm.has_solutions
+    assert dm.prepare("train")[0]["solution"] is None and not dm.has_solutions
 
 
 def test_invalid_utf8_names_the_line(tmp_path, tokenizer):

@@ -122,7 +122,7 @@ def test_identity_with_the_students_own_template_is_exactly_opd(tokenizer, chain
         module = demo_module(SeparateTeacher(ModelSpec(path=DEMO_TEACHER)), refiner)
         torch.manual_seed(0)
         rollouts = module.engine.generate("student", module.student, batch.prompt_ids, module.sampling)
-        losses.append(module.distill(module.make_views(batch, rollouts, refiner.refine(batch, rollouts, module.teacher_access))).loss)
+        losses.append(module.distill(module.make_views(batch, rollouts, refiner.refine(batch, rollouts, module.teacher_access)))[0].loss)
     assert torch.equal(losses[0], losses[1])
 
 

@@ -1,25 +1,51 @@
-"""Evaluation shared by the modules: sample n completions per problem, verify them, report Avg@n and Pass@k."""
+"""Evaluation shared by the modules: n verified samples per problem, Avg@n and Pass@k per dataset,
+and, at the end of ``trd test``, a results table printed and written to the log dir."""
 
 from __future__ import annotations
 
+import csv
+import json
+from pathlib import Path
+
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 
 from trd_lightning.data.prompts import PromptBatch
 from trd_lightning.metrics import SampledAccuracy
 from trd_lightning.rollout.base import Rollouts
 
+STAGES = ("val", "test")
+
 
 class EvaluationMixin:
-    """For LightningModules with ``engine``, ``eval_sampling``, ``verifier``, ``pass_k`` and a
-    ``metrics`` ModuleDict from ``build_metrics``, keyed by stage and by who produced the completions."""
+    """For LightningModules with ``engine``, ``eval_sampling``, ``verifier`` and ``pass_k``.
 
-    def build_metrics(self, *keys: str) -> torch.nn.ModuleDict:
-        """One metric per ``stage_who`` key, made up front: metric states first created inside
-        validation would be inference tensors that later updates cannot touch."""
-        return torch.nn.ModuleDict({key: SampledAccuracy(self.eval_sampling.n, self.pass_k) for key in keys})
+    ``setup_metrics`` makes one metric per (stage, dataset, who) before any evaluation runs:
+    metric states first created inside validation would be inference tensors.
+    """
 
-    def metric(self, stage: str, who: str) -> SampledAccuracy:
-        return self.metrics[f"{stage}_{who}"]
+    evaluated: tuple[str, ...] = ()  # who produces completions: "student", "teacher", "model"
+
+    def setup_metrics(self) -> None:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        self.eval_datasets = {
+            stage: (datamodule.dataset_names(stage) if datamodule is not None and hasattr(datamodule, "dataset_names") else []) or [stage]
+            for stage in STAGES
+        }
+        keys = [self.metric_key(stage, name, who) for stage in STAGES for name in self.eval_datasets[stage] for who in self.evaluated]
+        if set(keys) != set(getattr(self, "metrics", {}) or {}):
+            self.metrics = torch.nn.ModuleDict({key: SampledAccuracy(self.eval_sampling.n, self.pass_k) for key in keys})
+
+    @staticmethod
+    def metric_key(stage: str, dataset: str, who: str) -> str:
+        return f"{stage}__{dataset}__{who}"
+
+    def dataset_name(self, stage: str, dataloader_idx: int) -> str:
+        return self.eval_datasets[stage][dataloader_idx]
+
+    def metric_prefix(self, stage: str, dataset: str, who: str) -> str:
+        """``val/student`` for a single dataset, ``val/<dataset>/student`` for several."""
+        return f"{stage}/{who}" if len(self.eval_datasets[stage]) == 1 else f"{stage}/{dataset}/{who}"
 
     def correct_per_problem(self, batch: PromptBatch, rollouts: Rollouts) -> list[int]:
         counts = [0] * len(batch)
@@ -27,20 +53,92 @@ class EvaluationMixin:
             counts[i] += int(self.verifier.score(text, batch.answer[i]))
         return counts
 
-    def score(self, stage: str, who: str, batch: PromptBatch, rollouts: Rollouts) -> None:
-        self.metric(stage, who).update(self.correct_per_problem(batch, rollouts))
+    def score(self, stage: str, dataloader_idx: int, who: str, batch: PromptBatch, rollouts: Rollouts) -> None:
+        key = self.metric_key(stage, self.dataset_name(stage, dataloader_idx), who)
+        self.metrics[key].update(self.correct_per_problem(batch, rollouts))
 
-    def log_metrics(self, stage: str) -> None:
-        for key in [k for k in self.metrics if k.startswith(stage + "_")]:
-            if not self.metrics[key].update_called:
-                continue
-            who = key[len(stage) + 1:]
-            for name, value in self.metrics[key].compute().items():
-                self.log(f"{stage}/{who}/{name}", value)
-            self.metrics[key].reset()
+    def compute_metrics(self, stage: str) -> list[dict]:
+        """Rows of (dataset, who, metrics...) for the metrics updated in this stage; logs and resets them."""
+        rows = []
+        for dataset in self.eval_datasets[stage]:
+            for who in self.evaluated:
+                metric = self.metrics[self.metric_key(stage, dataset, who)]
+                if not metric.update_called:
+                    continue
+                values = {name: float(value) for name, value in metric.compute().items()}
+                problems = int(values.pop("problems"))  # the count over every process, not this rank's
+                for name, value in values.items():
+                    self.log(f"{self.metric_prefix(stage, dataset, who)}/{name}", value)
+                rows.append({"dataset": dataset, "who": who, "problems": problems, **values})
+                metric.reset()
+        return rows
 
     def on_validation_epoch_end(self):
-        self.log_metrics("val")
+        self.compute_metrics("val")
 
     def on_test_epoch_end(self):
-        self.log_metrics("test")
+        self.write_results(self.log_dir(), self.compute_metrics("test"))
+
+    def log_dir(self) -> Path:
+        """The run's log directory. Call it on every rank: under DDP, Lightning broadcasts it."""
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
+    @rank_zero_only
+    def write_results(self, directory: Path, rows: list[dict], extra: dict | None = None) -> None:
+        """``results.json`` and ``results.csv`` in the log dir, and a table on the console."""
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "results.json").write_text(json.dumps({"results": rows, **(extra or {})}, indent=2))
+        if rows:
+            with open(directory / "results.csv", "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        print_table(rows, f"results ({directory / 'results.json'})")
+
+
+def check_answers(verifier, datamodule, splits: list[str]) -> None:
+    """Fail before any compute when the verifier cannot read a reference answer of an evaluation set."""
+    from trd_lightning.verifiers import AnswerParseError
+
+    for split in splits:
+        for name in datamodule.dataset_names(split):
+            for item in datamodule.prepare(split, name):
+                try:
+                    verifier.check_answer(item["answer"])
+                except AnswerParseError as error:
+                    raise ValueError(
+                        f"{item.get('source', split)}: {error}; fix the answer, or choose a verifier that reads it "
+                        f"(model.verifier; {type(verifier).__name__} is set)"
+                    ) from None
+
+
+def plot_position_profiles(profiles: dict[str, list[float]], title: str):
+    """A line per trajectory (y_o, y_r): the mean per-token divergence in each tenth of the sequence."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.6))
+    for name, values in profiles.items():
+        centers = [(i + 0.5) / len(values) for i in range(len(values))]
+        axis.plot(centers, values, marker="o", label=name)
+    axis.set_xlabel("relative position in the trajectory")
+    axis.set_ylabel("mean per-token divergence")
+    axis.set_title(title, fontsize=9)
+    axis.legend()
+    figure.tight_layout()
+    return figure
+
+
+def print_table(rows: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    columns = list(rows[0]) if rows else ["dataset", "who"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("dataset", "who") else "right")
+    for row in rows:
+        table.add_row(*(f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns))
+    Console().print(table)

@@ -37,6 +37,9 @@ class DivergenceOutput:
     loss: Tensor  # scalar, differentiable
     per_token: Tensor  # [N], detached: each target position's value (after the clip)
     clipped: Tensor  # [N] bool: positions the clip capped
+    student_logprobs: Tensor  # [N]: log p(target token), softmax temperature 1
+    teacher_logprobs: Tensor  # [N]: log q(target token), softmax temperature 1
+    teacher_lse: Tensor  # [N]: the teacher's log-normaliser, so any token's q is exp(logit - lse)
 
 
 class Divergence:
@@ -108,11 +111,13 @@ class Divergence:
         return per_sequence.repeat_interleave(lengths)
 
     # -- the math, on one chunk of logits ---------------------------------------------------
-    def values_and_grads(self, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-row values and their gradients with respect to the (raw, untempered) student logits.
+    def values_and_grads(self, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-row values, their gradients with respect to the (raw, untempered) student logits, and
+        [3, C] log p(target), log q(target) and the teacher's log-normaliser at temperature 1.
 
         ``student_logits`` and ``teacher_logits`` are fp32 [C, V] and are consumed (overwritten).
         """
+        observed = token_logprobs(student_logits, teacher_logits, targets)
         t = self.temperature
         if t != 1.0:
             student_logits.div_(t)
@@ -128,7 +133,7 @@ class Divergence:
             values, grads = self._dense(student_logits, teacher_logits)
         if t != 1.0:
             grads.div_(t)
-        return values, grads
+        return values, grads, observed
 
     def _dense(self, student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
         s = _log_softmax_(student_logits)  # log p, in place: no second [C, V] buffer per model
@@ -185,11 +190,22 @@ class Divergence:
         if student_head.shape[0] != teacher_head.shape[0]:
             raise ValueError(f"student and teacher vocabularies differ: {student_head.shape[0]} vs {teacher_head.shape[0]}")
         weights = self.weights(target_lengths, device=student_hidden.device)
-        loss, per_token, clipped = _FusedHeadDivergence.apply(
+        loss, per_token, clipped, observed = _FusedHeadDivergence.apply(
             student_hidden, student_head, student_bias, teacher_hidden.detach(), teacher_head.detach(),
             None if teacher_bias is None else teacher_bias.detach(), targets, weights, self,
         )
-        return DivergenceOutput(loss, per_token, clipped)
+        return DivergenceOutput(loss, per_token, clipped, *observed)
+
+
+def token_logprobs(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor) -> Tensor:
+    """[3, C]: log p(target), log q(target), and the teacher's log-normaliser, at temperature 1."""
+    teacher_lse = teacher_logits.logsumexp(-1)
+    column = targets[:, None]
+    return torch.stack([
+        student_logits.gather(-1, column).squeeze(-1) - student_logits.logsumexp(-1),
+        teacher_logits.gather(-1, column).squeeze(-1) - teacher_lse,
+        teacher_lse,
+    ])
 
 
 def _log_softmax_(logits: Tensor) -> Tensor:
@@ -217,13 +233,16 @@ class _FusedHeadDivergence(torch.autograd.Function):
         n = h.shape[0]
         per_token = torch.empty(n, dtype=torch.float32, device=h.device)
         clipped = torch.zeros(n, dtype=torch.bool, device=h.device)
+        observed = torch.empty(3, n, dtype=torch.float32, device=h.device)
         grad_h = torch.zeros_like(h) if h.requires_grad else None
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if w.requires_grad else None
         grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if b is not None and b.requires_grad else None
         with torch.no_grad():
             for start in range(0, n, divergence.chunk_size):
                 rows = slice(start, start + divergence.chunk_size)
-                values, grads = divergence.values_and_grads(_logits(h[rows], w, b), _logits(h_t[rows], w_t, b_t), targets[rows])
+                values, grads, observed[:, rows] = divergence.values_and_grads(
+                    _logits(h[rows], w, b), _logits(h_t[rows], w_t, b_t), targets[rows]
+                )
                 if divergence.clip is not None:
                     over = values > divergence.clip
                     values = values.clamp(max=divergence.clip)
@@ -242,11 +261,11 @@ class _FusedHeadDivergence(torch.autograd.Function):
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_h, grad_w, grad_b)))
         ctx.has = (grad_h is not None, grad_w is not None, grad_b is not None)
         ctx.dtypes = (h.dtype, w.dtype, None if b is None else b.dtype)
-        ctx.mark_non_differentiable(per_token, clipped)
-        return loss, per_token, clipped
+        ctx.mark_non_differentiable(per_token, clipped, observed)
+        return loss, per_token, clipped, observed
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_per_token, _grad_clipped):
+    def backward(ctx, grad_loss, _grad_per_token, _grad_clipped, _grad_observed):
         grads = []
         for saved, has, dtype in zip(ctx.saved_tensors, ctx.has, ctx.dtypes):
             # In place: the saved gradients are used once (the graph is not retained).

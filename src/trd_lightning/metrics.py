@@ -50,8 +50,9 @@ class SampledAccuracy(Metric):
         self.problems = self.problems + len(counts)
 
     def compute(self) -> dict[str, torch.Tensor]:
+        """Avg@n, Pass@k per k, and the number of problems, over every process."""
         count = self.problems.clamp(min=1)
-        out = {f"avg@{self.n}": (self.avg_sum / count).float()}
+        out = {"problems": self.problems.clone(), f"avg@{self.n}": (self.avg_sum / count).float()}
         for i, k in enumerate(self.ks):
             out[f"pass@{k}"] = (self.pass_sum[i] / count).float()
         return out

@@ -13,16 +13,18 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from rapidfuzz.distance import Levenshtein
 
 from trd_lightning.data.prompts import PromptBatch
-from trd_lightning.evaluation import EvaluationMixin
+from trd_lightning.diagnostics import DEFAULT_PIVOTS, PositionProfile, pivot_mass, pivot_token_ids, teacher_token_stats, trajectory_stats
+from trd_lightning.evaluation import EvaluationMixin, check_answers, plot_position_profiles
 from trd_lightning.losses import Divergence, DivergenceOutput
 from trd_lightning.models import (
     ModelSpec,
@@ -41,9 +43,17 @@ from trd_lightning.rollout import HFEngine, RolloutCallback, RolloutEngine, Roll
 from trd_lightning.rollout.callback import STUDENT
 from trd_lightning.teachers import Teacher
 from trd_lightning.verifiers import ExactMatch, Verifier
-from trd_lightning.views import ChatPrompts, Views, build_views
+from trd_lightning.metrics import SampledAccuracy
+from trd_lightning.views import ChatPrompts, ModelInputs, Views, build_views, pack
 
 TEACHER = "teacher"
+
+
+@dataclass
+class TeacherPass:
+    hidden: torch.Tensor  # [N, H_t] at the target positions
+    weight: torch.Tensor  # the LM head [V, H_t]
+    bias: torch.Tensor | None
 
 
 class DistillationModule(EvaluationMixin, LightningModule):
@@ -89,6 +99,9 @@ class DistillationModule(EvaluationMixin, LightningModule):
         log_samples_every: int = 50,
         evaluate_teacher: bool = True,
         export_student: bool = True,
+        pivot_tokens: Sequence[str] = DEFAULT_PIVOTS,
+        disagreement_threshold: float = 0.05,
+        diagnostics_every: int = 10,
     ):
         super().__init__()
         if teacher is None:
@@ -98,6 +111,8 @@ class DistillationModule(EvaluationMixin, LightningModule):
             )
         if max_context_tokens <= 0:
             raise ValueError(f"max_context_tokens must be > 0 (got {max_context_tokens})")
+        if not 0 < disagreement_threshold < 1:
+            raise ValueError(f"disagreement_threshold must be in (0, 1) (got {disagreement_threshold})")
         self.student_spec = student
         self.teacher = teacher
         self.refiner = refiner or Identity()
@@ -111,17 +126,23 @@ class DistillationModule(EvaluationMixin, LightningModule):
         self.max_context_tokens = max_context_tokens
         self.sync_every = sync_every
         self.pass_k = list(pass_k)
+        SampledAccuracy(self.eval_sampling.n, self.pass_k)  # refuses a k > n now, before any compute
         self.log_samples_every = log_samples_every
         self.evaluate_teacher = evaluate_teacher
         self.export_student = export_student
+        self.disagreement_threshold = disagreement_threshold
+        self.diagnostics_every = diagnostics_every
         self.tokenizer = load_tokenizer(student)
         self.prompts = ChatPrompts(self.tokenizer)
+        self.pivot_ids = pivot_token_ids(self.tokenizer, pivot_tokens)
         self.student = None
         self.teacher_model = None  # the teacher's own weights, when it has any (not for a live/LoRA self-teacher)
         self.stop_ids: set[int] = set()
         self.timings: dict[str, float] = {}
         self.skipped_empty = 0
-        self.metrics = self.build_metrics("val_student", "test_student", "test_teacher")
+        self.evaluated = ("student", "teacher")
+        self.metrics = torch.nn.ModuleDict()
+        self.profiles = torch.nn.ModuleDict({"y_o": PositionProfile(), "y_r": PositionProfile()})
 
     # -- setup -------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -164,6 +185,9 @@ class DistillationModule(EvaluationMixin, LightningModule):
                 "the refiner's templates need the reference solution (OPSD and reference-based refining read it), "
                 "but the data has none; set data.solution_field to the column that holds it"
             )
+        if datamodule is not None:
+            check_answers(self.verifier, datamodule, ["val", "test"] if stage == "fit" else [stage])
+        self.setup_metrics()
 
     def configure_callbacks(self):
         return [RolloutCallback(self.sync_every)]
@@ -203,26 +227,30 @@ class DistillationModule(EvaluationMixin, LightningModule):
         student_contexts = [batch.prompt_ids[i] for i in rollouts.prompt_index]
         return build_views(student_contexts, targets.teacher_contexts, targets.token_ids, self.tokenizer.pad_token_id)
 
-    def distill(self, views: Views) -> DivergenceOutput:
-        """Teacher forward without autograd, student forward with it, and the fused divergence."""
-        device = self.device
-        start = time.perf_counter()
-        teacher_in, student_in = views.teacher.to(device), views.student.to(device)
+    def teacher_forward(self, inputs: ModelInputs) -> TeacherPass:
+        """The teacher's last hidden states at the target positions, without autograd."""
+        inputs = inputs.to(self.device)
         with torch.inference_mode(), self.teacher_scope() as teacher:
-            teacher_hidden = last_hidden_at(teacher, teacher_in.input_ids, teacher_in.attention_mask, *teacher_in.predicting_positions())
-            teacher_weight, teacher_bias = output_head(teacher)
-        # Inference tensors cannot be saved for backward: clone into normal tensors before they meet the graph.
-        teacher_hidden = teacher_hidden.clone()
+            hidden = last_hidden_at(teacher, inputs.input_ids, inputs.attention_mask, *inputs.predicting_positions())
+            weight, bias = output_head(teacher)
+        # Inference tensors cannot be saved for backward: clone into a normal tensor before it meets the graph.
+        return TeacherPass(hidden.clone(), weight, bias)
+
+    def distill(self, views: Views) -> tuple[DivergenceOutput, TeacherPass]:
+        """Teacher forward without autograd, student forward with it, and the fused divergence."""
+        start = time.perf_counter()
+        teacher = self.teacher_forward(views.teacher)
         self.timings["teacher"] = time.perf_counter() - start
         start = time.perf_counter()
+        student_in = views.student.to(self.device)
         student_hidden = last_hidden_at(self.student, student_in.input_ids, student_in.attention_mask, *student_in.predicting_positions())
         student_weight, student_bias = output_head(self.student)
         out = self.divergence(
-            student_hidden, student_weight, teacher_hidden, teacher_weight,
-            views.target_ids.to(device), views.target_lengths, student_bias, teacher_bias,
+            student_hidden, student_weight, teacher.hidden, teacher.weight,
+            views.target_ids.to(self.device), views.target_lengths, student_bias, teacher.bias,
         )
         self.timings["student_forward"] = time.perf_counter() - start
-        return out
+        return out, teacher
 
     def training_step(self, batch: PromptBatch, batch_idx: int):
         rollouts = batch.rollouts
@@ -237,9 +265,10 @@ class DistillationModule(EvaluationMixin, LightningModule):
             self.skipped_empty += 1
             self.log("train/skipped_empty_steps", float(self.skipped_empty))
             return None
-        out = self.distill(views)
+        out, teacher = self.distill(views)
         self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=len(rollouts))
         self.log_divergence(out, len(rollouts))
+        self.log_diagnostics(batch, rollouts, targets, views, out, teacher)
         return out.loss
 
     def log_divergence(self, out: DivergenceOutput, batch_size: int) -> None:
@@ -257,6 +286,25 @@ class DistillationModule(EvaluationMixin, LightningModule):
         self.timings["backward"] = time.perf_counter() - getattr(self, "_backward_start", time.perf_counter())
         for name, seconds in self.timings.items():
             self.log(f"time/{name}", seconds)
+
+    def log_diagnostics(self, batch, rollouts: Rollouts, targets: Targets, views: Views, out: DivergenceOutput, teacher: TeacherPass) -> None:
+        """Prefix-failure diagnostics along the training target, and, for a rewriting refiner, along y_o
+        (an extra teacher pass, every ``diagnostics_every`` steps)."""
+        pivots = pivot_mass(teacher.hidden, teacher.weight, teacher.bias, out.teacher_lse, self.pivot_ids)
+        stats = trajectory_stats(views.target_lengths, out.teacher_logprobs, self.disagreement_threshold,
+                                 out.student_logprobs, out.per_token, pivots)
+        rewritten = any(targets.refined)
+        self.log_dict({f"diag/{k}_{'y_r' if rewritten else 'y_o'}": v for k, v in stats.items()}, batch_size=len(rollouts))
+        if rewritten and self.diagnostics_every and self.global_step % self.diagnostics_every == 0:
+            contexts = self.refiner.scoring_contexts(batch, rollouts.prompt_index, self.teacher_access)
+            inputs = pack(contexts, rollouts.token_ids, self.tokenizer.pad_token_id)
+            raw = self.teacher_forward(inputs)
+            ids = inputs.input_ids[inputs.target_mask].to(self.device)
+            logprobs, lse = teacher_token_stats(raw.hidden, raw.weight, raw.bias, ids, self.divergence.chunk_size)
+            lengths = torch.tensor([len(t) for t in rollouts.token_ids])
+            stats = trajectory_stats(lengths, logprobs, self.disagreement_threshold,
+                                     pivots=pivot_mass(raw.hidden, raw.weight, raw.bias, lse, self.pivot_ids))
+            self.log_dict({f"diag/{k}_y_o": v for k, v in stats.items()}, batch_size=len(rollouts))
 
     # -- step metrics --------------------------------------------------------------------------------
     def log_step(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets, views: Views) -> None:
@@ -309,31 +357,62 @@ class DistillationModule(EvaluationMixin, LightningModule):
         if self.engine.holds_weights:
             self.engine.sync_weights(STUDENT, self.student)
 
-    def evaluate(self, batch: PromptBatch, stage: str) -> Rollouts:
-        rollouts = self.engine.generate(STUDENT, self.student, batch.prompt_ids, self.eval_sampling)
-        self.score(stage, "student", batch, rollouts)
-        return rollouts
-
     def on_validation_epoch_start(self):
         self.sync_student()
 
     def on_test_epoch_start(self):
         self.sync_student()
+        for profile in self.profiles.values():
+            profile.reset()
 
-    def validation_step(self, batch: PromptBatch, batch_idx: int):
-        self.evaluate(batch, "val")
+    def validation_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0):
+        rollouts = self.engine.generate(STUDENT, self.student, batch.prompt_ids, self.eval_sampling)
+        self.score("val", dataloader_idx, "student", batch, rollouts)
 
-    def test_step(self, batch: PromptBatch, batch_idx: int):
-        rollouts = self.evaluate(batch, "test")
+    def test_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0):
+        """The student's accuracy; what the teacher produces under the refiner; and the divergence by
+        relative position along y_o (teacher in its scoring context) and along the targets y_r."""
+        rollouts = self.engine.generate(STUDENT, self.student, batch.prompt_ids, self.eval_sampling)
+        self.score("test", dataloader_idx, "student", batch, rollouts)
+        targets = self.refiner.refine(batch, rollouts, self.teacher_access)
         if self.evaluate_teacher:
-            teacher_out = self.refiner.teacher_solutions(batch, rollouts, self.teacher_access, self.eval_sampling)
-            self.score("test", "teacher", batch, teacher_out)
+            solutions = self.refiner.teacher_solutions(batch, rollouts, targets, self.teacher_access, self.eval_sampling)
+            self.score("test", dataloader_idx, "teacher", batch, solutions)
+        student_contexts = [batch.prompt_ids[i] for i in rollouts.prompt_index]
+        scoring = self.refiner.scoring_contexts(batch, rollouts.prompt_index, self.teacher_access)
+        self.profile("y_o", build_views(student_contexts, scoring, rollouts.token_ids, self.tokenizer.pad_token_id))
+        refined = [r for r, flag in enumerate(targets.refined) if flag]
+        if refined:
+            pick = lambda values: [values[r] for r in refined]  # noqa: E731
+            self.profile("y_r", build_views(pick(student_contexts), pick(targets.teacher_contexts), pick(targets.token_ids),
+                                            self.tokenizer.pad_token_id))
+
+    def profile(self, trajectory: str, views: Views) -> None:
+        if views.num_target_tokens:
+            out, _ = self.distill(views)
+            self.profiles[trajectory].update(out.per_token, views.target_lengths)
+
+    def on_test_epoch_end(self):
+        rows = self.compute_metrics("test")
+        profiles = {name: p.compute().tolist() for name, p in self.profiles.items() if p.update_called}
+        directory = self.log_dir()
+        self.write_results(directory, rows, {"divergence_by_relative_position": profiles, "divergence": self.divergence.describe()})
+        if profiles:
+            self.plot_profiles(directory, profiles)
+
+    @rank_zero_only
+    def plot_profiles(self, directory: Path, profiles: dict[str, list[float]]) -> None:
+        figure = plot_position_profiles(profiles, self.divergence.describe())
+        figure.savefig(directory / "divergence_by_position.png", dpi=120)
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_figure"):
+            experiment.add_figure("test/divergence_by_position", figure, self.global_step)
 
     # -- the end ---------------------------------------------------------------------------------------
     def on_fit_end(self):
+        directory = self.log_dir() / "student_hf"  # on every rank: the log dir is a collective under DDP
         if not self.export_student or self.trainer.global_rank != 0:
             return
-        directory = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "student_hf"
         export_hf(self.student, self.tokenizer, directory)
         rank_zero_info(f"exported the student to {directory}")
 

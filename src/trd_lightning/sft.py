@@ -46,7 +46,11 @@ class SFTModule(EvaluationMixin, LightningModule):
         self.export_dir = export_dir
         self.tokenizer = load_tokenizer(model)
         self.model = None
-        self.metrics = self.build_metrics("val_model", "test_model")
+        self.evaluated = ("model",)
+        self.metrics = torch.nn.ModuleDict()
+
+    def setup(self, stage: str) -> None:
+        self.setup_metrics()
 
     def configure_model(self) -> None:
         if self.model is None:
@@ -69,14 +73,14 @@ class SFTModule(EvaluationMixin, LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch.input_ids.shape[0])
         return loss
 
-    def validation_step(self, batch: PromptBatch, batch_idx: int):
-        self.score("val", "model", batch, self.engine.generate("student", self.model, batch.prompt_ids, self.eval_sampling))
+    def validation_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0):
+        self.score("val", dataloader_idx, "model", batch, self.engine.generate("student", self.model, batch.prompt_ids, self.eval_sampling))
 
-    def test_step(self, batch: PromptBatch, batch_idx: int):
-        self.score("test", "model", batch, self.engine.generate("student", self.model, batch.prompt_ids, self.eval_sampling))
+    def test_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0):
+        self.score("test", dataloader_idx, "model", batch, self.engine.generate("student", self.model, batch.prompt_ids, self.eval_sampling))
 
     def on_fit_end(self):
+        directory = Path(self.export_dir) if self.export_dir else self.log_dir() / "model_hf"  # every rank: a collective
         if self.trainer.global_rank == 0:
-            directory = Path(self.export_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "model_hf")
             export_hf(self.model, self.tokenizer, directory)
             rank_zero_info(f"exported the model to {directory}")

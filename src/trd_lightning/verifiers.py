@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 
@@ -51,6 +52,12 @@ class ExactMatch(Verifier):
             raise AnswerParseError("an empty reference answer can never be matched")
 
 
+@functools.lru_cache(maxsize=65536)
+def _parse_gold(text: str):
+    """Reference answers repeat across samples and steps: parse each once."""
+    return MathVerifier._parse(text if "$" in text or "\\boxed" in text else f"${text}$", anchored=False)
+
+
 class MathVerifier(Verifier):
     """The last ``\\boxed{...}`` of a response, compared with the reference by ``math-verify``
     (equivalent fractions, decimals, LaTeX and symbolic forms count as equal)."""
@@ -75,8 +82,7 @@ class MathVerifier(Verifier):
         return parsed[-1] if parsed else None
 
     def _gold(self, answer: str):
-        text = str(answer)
-        return self._parse(text if "$" in text or "\\boxed" in text else f"${text}$", anchored=False)
+        return _parse_gold(str(answer))
 
     def equal(self, predicted: str, answer: str) -> bool:
         from math_verify import verify
@@ -92,5 +98,6 @@ class MathVerifier(Verifier):
         return bool(verify(self._gold(answer), self._parse(response[index:], anchored=True), float_rounding=self.float_rounding))
 
     def check_answer(self, answer: str) -> None:
-        if not self._gold(answer):
+        # A parse that yields only strings fell back to raw text: nothing math-verify can compare.
+        if not any(not isinstance(value, str) for value in self._gold(answer)):
             raise AnswerParseError(f"math-verify cannot parse the reference answer {answer!r}")

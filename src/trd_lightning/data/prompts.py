@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
+import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
 from trd_lightning.models import resolve_path
@@ -89,7 +90,9 @@ class PromptDataModule(LightningDataModule):
     """Problems for distillation and evaluation.
 
     Args:
-        train_path / val_path / test_path: local ``.jsonl`` or ``.parquet`` files.
+        train_path: a local ``.jsonl`` or ``.parquet`` file.
+        val_path / test_path: one such file, or several as ``{name: path}``; metrics are then
+            reported per dataset, as ``val/<name>/...``.
         problem_field / answer_field / solution_field: column names; set ``solution_field: null``
             when the data has no reference solutions (OPSD and reference-based refining need them).
         prompt_template: the student's user message (a built-in name, a file, or text with ``{problem}``).
@@ -100,8 +103,8 @@ class PromptDataModule(LightningDataModule):
     def __init__(
         self,
         train_path: str | None = None,
-        val_path: str | None = None,
-        test_path: str | None = None,
+        val_path: str | dict[str, str] | None = None,
+        test_path: str | dict[str, str] | None = None,
         problem_field: str = "problem",
         answer_field: str = "answer",
         solution_field: str | None = "solution",
@@ -120,7 +123,7 @@ class PromptDataModule(LightningDataModule):
             raise ValueError(f"data eval_batch_size must be > 0 (got {eval_batch_size})")
         if max_prompt_tokens <= 0:
             raise ValueError(f"data max_prompt_tokens must be > 0 (got {max_prompt_tokens})")
-        self.paths = {"train": train_path, "val": val_path, "test": test_path}
+        self.paths = {split: named_paths(path, split) for split, path in (("train", train_path), ("val", val_path), ("test", test_path))}
         self.fields = {PROBLEM: problem_field, "answer": answer_field, SOLUTION: solution_field}
         self.template = Template(prompt_template, "data prompt_template").require(PROBLEM)
         self.system_prompt = system_prompt
@@ -129,19 +132,23 @@ class PromptDataModule(LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.tokenizer = tokenizer
-        self.datasets: dict[str, PromptDataset] = {}
+        self.datasets: dict[tuple[str, str], PromptDataset] = {}
 
     @property
     def has_solutions(self) -> bool:
         return self.fields[SOLUTION] is not None
 
-    def prepare(self, split: str) -> PromptDataset:
-        """Read, check and tokenize one split (once)."""
-        if split in self.datasets:
-            return self.datasets[split]
-        path = self.paths[split]
-        if path is None:
-            raise DataError(f"no {split}_path is set on the data module")
+    def dataset_names(self, split: str) -> list[str]:
+        return list(self.paths[split])
+
+    def prepare(self, split: str, name: str | None = None) -> PromptDataset:
+        """Read, check and tokenize one dataset of a split (once)."""
+        name = name or split
+        if (split, name) in self.datasets:
+            return self.datasets[(split, name)]
+        if name not in self.paths[split]:
+            raise DataError(f"no {split}_path is set on the data module" if not self.paths[split] else f"no {split} dataset named {name!r}; there are {list(self.paths[split])}")
+        path = self.paths[split][name]
         if self.tokenizer is None:
             raise DataError("the data module needs the student's tokenizer (the CLI links it; pass `tokenizer=` in code)")
         prompts = ChatPrompts(self.tokenizer, self.system_prompt)
@@ -151,7 +158,7 @@ class PromptDataModule(LightningDataModule):
         items = []
         for i, record in enumerate(records):
             where = f"{path}:{record['_line']}" if "_line" in record else f"{path} row {i}"
-            item = {"index": i}
+            item = {"index": i, "source": where}
             for key, column in self.fields.items():
                 if column is None:
                     item[key] = None
@@ -168,29 +175,46 @@ class PromptDataModule(LightningDataModule):
             except PromptTooLongError as error:
                 raise DataError(f"{where}: {error} (`max_prompt_tokens` on the data module)") from None
             items.append(item)
-        self.datasets[split] = PromptDataset(items)
-        return self.datasets[split]
+        self.datasets[(split, name)] = PromptDataset(items)
+        return self.datasets[(split, name)]
 
     def setup(self, stage: str) -> None:
         splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}[stage]
         for split in splits:
-            if self.paths[split] is not None or split != "val":
-                self.prepare(split)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.prepare(split),
-            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
-            collate_fn=collate,
-            num_workers=self.num_workers,
-        )
+            if split == "val" and not self.paths["val"]:
+                continue
+            for name in self.dataset_names(split) or [split]:
+                self.prepare(split, name)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return DataLoader(self.prepare("train"), batch_size=self.batch_size, shuffle=True, collate_fn=collate, num_workers=self.num_workers)
 
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val", shuffle=False) if self.paths["val"] else []
+    def eval_dataloaders(self, split: str) -> DataLoader | list[DataLoader]:
+        loaders = []
+        for name in self.dataset_names(split):
+            dataset = self.prepare(split, name)
+            # Under DDP each rank takes its own problems, none repeated, so per-problem metrics stay exact.
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False) if distributed() else None
+            loaders.append(DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, collate_fn=collate, num_workers=self.num_workers))
+        return loaders[0] if len(loaders) == 1 else loaders
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self.eval_dataloaders("val") if self.paths["val"] else []
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self.eval_dataloaders("test")
+
+
+def named_paths(path: str | dict[str, str] | None, split: str) -> dict[str, str]:
+    """``{name: path}`` for a split: a single path is named after the split."""
+    if path is None:
+        return {}
+    if isinstance(path, str):
+        return {split: path}
+    if not path:
+        raise DataError(f"{split}_path is an empty mapping; give at least one dataset or null")
+    return dict(path)
+
+
+def distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1

@@ -27,17 +27,18 @@ class SFTDataModule(PromptDataModule):
         self.prompt_field, self.response_field, self.max_tokens = prompt_field, response_field, max_tokens
 
     def train_examples(self) -> list[tuple[str, str]]:
-        records = read_records(self.paths["train"]) if self.paths["train"] else []
+        path = self.paths["train"].get("train")
+        records = read_records(path) if path else []
         for record in records:
             for column in (self.prompt_field, self.response_field):
                 if column not in record:
-                    raise DataError(f"{self.paths['train']}:{record.get('_line', '?')}: missing the field {column!r}")
+                    raise DataError(f"{path}:{record.get('_line', '?')}: missing the field {column!r}")
         return [(str(r[self.prompt_field]), str(r[self.response_field])) for r in records]
 
-    def prepare(self, split: str) -> PromptDataset:
+    def prepare(self, split: str, name: str | None = None) -> PromptDataset:
         if split != "train":
-            return super().prepare(split)
-        if split not in self.datasets:
+            return super().prepare(split, name)
+        if ("train", "train") not in self.datasets:
             examples = self.train_examples()
             if not examples:
                 raise DataError("SFT training data is empty: it needs at least one (prompt, response) pair")
@@ -48,8 +49,8 @@ class SFTDataModule(PromptDataModule):
                 if len(prompt) + len(target) > self.max_tokens:
                     raise DataError(f"SFT example {i} is {len(prompt) + len(target)} tokens, over max_tokens={self.max_tokens}")
                 items.append({"prompt_ids": prompt, "target_ids": target})
-            self.datasets[split] = PromptDataset(items)
-        return self.datasets[split]
+            self.datasets[("train", "train")] = PromptDataset(items)
+        return self.datasets[("train", "train")]
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

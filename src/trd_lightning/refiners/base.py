@@ -22,6 +22,7 @@ class Targets:
     teacher_contexts: list[list[int]]
     refined: list[bool]  # the target is a teacher rewrite y_r
     fallback: list[bool]  # a rewrite was rejected and y_o kept
+    rewrites: Rollouts | None = None  # every rewrite the teacher wrote, accepted or not (TRD)
 
 
 @dataclass
@@ -45,12 +46,21 @@ class Refiner:
         """Data fields (besides the problem) the refiner's templates need, e.g. ``{"solution"}``."""
         return set()
 
+    @property
+    def scoring_template(self) -> Template | None:
+        """The template of the context in which the teacher scores the student's own rollout y_o
+        (None: the student's prompt)."""
+        return None
+
+    def scoring_contexts(self, batch: PromptBatch, prompt_index: Sequence[int], teacher: TeacherAccess) -> list[list[int]]:
+        return self.contexts(self.scoring_template, batch, prompt_index, teacher)
+
     def refine(self, batch: PromptBatch, rollouts: Rollouts, teacher: TeacherAccess) -> Targets:
         raise NotImplementedError
 
-    def teacher_solutions(self, batch: PromptBatch, rollouts: Rollouts, teacher: TeacherAccess, sampling: Sampling) -> Rollouts:
-        """What the teacher itself produces for these problems (for evaluation): its own solution
-        in its scoring context, or its rewrite of each rollout."""
+    def teacher_solutions(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets, teacher: TeacherAccess, sampling: Sampling) -> Rollouts:
+        """What the teacher itself produces for these problems, for evaluation: its own solution in
+        its scoring context, or its rewrites of the rollouts."""
         raise NotImplementedError
 
     @staticmethod

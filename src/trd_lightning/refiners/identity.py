@@ -5,7 +5,7 @@ from __future__ import annotations
 from trd_lightning.data.prompts import PromptBatch
 from trd_lightning.refiners.base import Refiner, TeacherAccess, Targets
 from trd_lightning.rollout.base import Rollouts, Sampling
-from trd_lightning.templates import PROBLEM
+from trd_lightning.templates import PROBLEM, Template
 
 
 class Identity(Refiner):
@@ -18,15 +18,19 @@ class Identity(Refiner):
     def required_fields(self) -> set[str]:
         return set(self.teacher_template.fields) - {PROBLEM} if self.teacher_template else set()
 
+    @property
+    def scoring_template(self) -> Template | None:
+        return self.teacher_template
+
     def refine(self, batch: PromptBatch, rollouts: Rollouts, teacher: TeacherAccess) -> Targets:
         n = len(rollouts)
         return Targets(
             token_ids=rollouts.token_ids,
             texts=rollouts.texts,
-            teacher_contexts=self.contexts(self.teacher_template, batch, rollouts.prompt_index, teacher),
+            teacher_contexts=self.scoring_contexts(batch, rollouts.prompt_index, teacher),
             refined=[False] * n,
             fallback=[False] * n,
         )
 
-    def teacher_solutions(self, batch: PromptBatch, rollouts: Rollouts, teacher: TeacherAccess, sampling: Sampling) -> Rollouts:
-        return teacher.generate(self.contexts(self.teacher_template, batch, range(len(batch)), teacher), sampling)
+    def teacher_solutions(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets, teacher: TeacherAccess, sampling: Sampling) -> Rollouts:
+        return teacher.generate(self.scoring_contexts(batch, range(len(batch)), teacher), sampling)

@@ -45,6 +45,10 @@ class TeacherRewrite(Refiner):
     def default_divergence(self) -> Divergence:
         return Divergence(direction="forward", support="full")
 
+    @property
+    def scoring_template(self) -> Template | None:
+        return self.fallback_template
+
     def required_fields(self) -> set[str]:
         fields = set(self.template.fields) | set(self.fallback_template.fields if self.fallback_template else ())
         return fields - {PROBLEM, ATTEMPT}
@@ -73,12 +77,15 @@ class TeacherRewrite(Refiner):
             rows = [r for r in rows if not teacher.verifier.score(rollouts.texts[r], answers[r])]
         prompts = self.refine_prompts(batch, rollouts, rows, teacher)
         rewrites = teacher.generate(prompts, self.sampling) if rows else None
+        if rewrites is not None:
+            rewrites = replace(rewrites, prompt_index=[rollouts.prompt_index[r] for r in rows])
         targets = Targets(
             token_ids=list(rollouts.token_ids),
             texts=list(rollouts.texts),
-            teacher_contexts=self.contexts(self.fallback_template, batch, rollouts.prompt_index, teacher),
+            teacher_contexts=self.scoring_contexts(batch, rollouts.prompt_index, teacher),
             refined=[False] * len(rollouts),
             fallback=[False] * len(rollouts),
+            rewrites=rewrites,
         )
         for k, r in enumerate(rows):
             ids, text, cut = rewrites.token_ids[k], rewrites.texts[k], rewrites.truncated[k]
@@ -89,7 +96,9 @@ class TeacherRewrite(Refiner):
                 targets.fallback[r] = True
         return targets
 
-    def teacher_solutions(self, batch: PromptBatch, rollouts: Rollouts, teacher: TeacherAccess, sampling: Sampling) -> Rollouts:
-        # The rewrite of each rollout, sampled as in training (``sampling`` sets only the rollouts).
+    def teacher_solutions(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets, teacher: TeacherAccess, sampling: Sampling) -> Rollouts:
+        """The rewrite of every rollout, sampled as in training (``sampling`` sets only the rollouts)."""
+        if targets.rewrites is not None and len(targets.rewrites) == len(rollouts):
+            return targets.rewrites
         rewrites = teacher.generate(self.refine_prompts(batch, rollouts, list(range(len(rollouts))), teacher), self.sampling)
         return replace(rewrites, prompt_index=list(rollouts.prompt_index))

@@ -1,0 +1,123 @@
+"""Prefix-failure diagnostics: why a run behaves as it does.
+
+Along a trajectory (the student's rollout y_o, or the refined y_r), from the teacher's and the
+student's log-probabilities of its tokens:
+- perplexity of each model on it;
+- the first position where the teacher gives the token a probability under a threshold (a
+  "disagreement"), as a fraction of the length, and the share of the loss that comes after it;
+- the teacher's probability mass on "epistemic pivot" tokens (Wait, Actually, However, ...),
+  which rises where the teacher would rather interject than continue.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+DEFAULT_PIVOTS = ("Wait", "Actually", "However", "Hmm", "Alternatively", "Hold")
+
+
+def pivot_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
+    """The single-token spellings (bare and with a leading space) of each pivot word."""
+    ids, missing = set(), []
+    for word in words:
+        found = [tokenizer(form, add_special_tokens=False)["input_ids"] for form in (word, " " + word)]
+        singles = {encoded[0] for encoded in found if len(encoded) == 1}
+        ids |= singles
+        if not singles:
+            missing.append(word)
+    if missing and words:
+        warnings.warn(f"pivot words with no single-token spelling are not counted: {missing}", stacklevel=2)
+    return sorted(ids)
+
+
+@torch.no_grad()
+def teacher_token_stats(hidden: Tensor, head: Tensor, bias: Tensor | None, targets: Tensor, chunk_size: int = 256) -> tuple[Tensor, Tensor]:
+    """log q(target) and the teacher's log-normaliser at each of N positions, a chunk at a time."""
+    logprobs, lse = torch.empty(len(targets), device=hidden.device), torch.empty(len(targets), device=hidden.device)
+    for start in range(0, len(targets), chunk_size):
+        rows = slice(start, start + chunk_size)
+        logits = (hidden[rows] @ head.T + (0 if bias is None else bias)).float()
+        lse[rows] = logits.logsumexp(-1)
+        logprobs[rows] = logits.gather(-1, targets[rows, None]).squeeze(-1) - lse[rows]
+    return logprobs, lse
+
+
+@torch.no_grad()
+def pivot_mass(hidden: Tensor, head: Tensor, bias: Tensor | None, lse: Tensor, pivot_ids: Sequence[int]) -> Tensor:
+    """The teacher's total probability on the pivot tokens at each position: [N]."""
+    if not pivot_ids:
+        return torch.zeros(len(lse), device=lse.device)
+    index = torch.as_tensor(list(pivot_ids), device=head.device)
+    logits = (hidden @ head[index].T + (0 if bias is None else bias[index])).float()
+    return (logits - lse[:, None]).exp().sum(-1)
+
+
+def first_disagreement(teacher_logprobs: Tensor, lengths: Tensor, threshold: float) -> Tensor:
+    """Per sequence, the index of the first token whose teacher probability is under ``threshold``; -1 if none."""
+    below = teacher_logprobs < torch.log(torch.tensor(threshold, dtype=teacher_logprobs.dtype))
+    firsts = []
+    for flags in below.split(lengths.tolist()):
+        hits = flags.nonzero()
+        firsts.append(int(hits[0]) if len(hits) else -1)
+    return torch.tensor(firsts, dtype=torch.long)
+
+
+def trajectory_stats(
+    lengths: Tensor,
+    teacher_logprobs: Tensor,
+    threshold: float,
+    student_logprobs: Tensor | None = None,
+    per_token_loss: Tensor | None = None,
+    pivots: Tensor | None = None,
+) -> dict[str, float]:
+    """Diagnostics of a batch of trajectories whose N tokens are concatenated (``lengths`` per sequence)."""
+    lengths = lengths.cpu()
+    keep = lengths > 0
+    out = {"teacher_ppl": float(torch.exp(-teacher_logprobs.mean()))}
+    if student_logprobs is not None:
+        out["student_ppl"] = float(torch.exp(-student_logprobs.mean()))
+    if pivots is not None:
+        out["pivot_permille"] = float(pivots.mean()) * 1000
+    firsts = first_disagreement(teacher_logprobs.cpu(), lengths, threshold)
+    hit = (firsts >= 0) & keep
+    out["disagreement_rate"] = float(hit.sum() / keep.sum().clamp(min=1))
+    if hit.any():
+        out["first_disagreement"] = float((firsts[hit] / lengths[hit]).mean())
+        if per_token_loss is not None:
+            shares = []
+            for first, values in zip(firsts.tolist(), per_token_loss.cpu().split(lengths.tolist())):
+                total = float(values.sum())
+                if first >= 0 and total > 0:
+                    shares.append(float(values[first:].sum()) / total)
+            if shares:
+                out["loss_after_disagreement"] = sum(shares) / len(shares)
+    return out
+
+
+class PositionProfile(Metric):
+    """Mean of a per-token value in ``bins`` bins of relative position (t / length); sums, so DDP-exact."""
+
+    full_state_update = False
+
+    def __init__(self, bins: int = 10):
+        super().__init__()
+        self.bins = bins
+        self.add_state("sums", default=torch.zeros(bins, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("counts", default=torch.zeros(bins, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, values: Tensor, lengths: Tensor) -> None:
+        lengths = lengths.to(values.device)
+        relative = torch.cat([torch.arange(n, device=values.device) / n for n in lengths.tolist() if n > 0]) if len(values) else values
+        index = (relative * self.bins).long().clamp(max=self.bins - 1)
+        sums = torch.zeros(self.bins, dtype=torch.float64, device=values.device).index_add_(0, index, values.double())
+        counts = torch.zeros(self.bins, dtype=torch.float64, device=values.device).index_add_(0, index, torch.ones_like(values, dtype=torch.float64))
+        self.sums = self.sums + sums
+        self.counts = self.counts + counts
+
+    def compute(self) -> Tensor:
+        return self.sums / self.counts.clamp(min=1)
