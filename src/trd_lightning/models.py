@@ -64,6 +64,17 @@ class ModelSpec:
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
 
+    def config_vocab_size(self) -> int | None:
+        """The vocabulary size from the config alone, without loading weights (None when unknown)."""
+        if self.config is not None:
+            return self.config.get("vocab_size")
+        if self.gguf_file:
+            return None
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(resolve_path(self.path), trust_remote_code=self.trust_remote_code)
+        return getattr(config.get_text_config(), "vocab_size", None)
+
     @property
     def name(self) -> str:
         return self.path or f"{self.config.get('model_type', 'model')} built from config"

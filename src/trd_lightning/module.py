@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from rapidfuzz.distance import Levenshtein
 
 from trd_lightning.data.prompts import PromptBatch
@@ -38,6 +38,7 @@ from trd_lightning.models import (
     vocab_size,
 )
 from trd_lightning.optim import WarmupCosine
+from trd_lightning.reliability import GracefulInterrupt, NonFiniteGuard
 from trd_lightning.refiners import Identity, Refiner, TeacherAccess, Targets
 from trd_lightning.rollout import HFEngine, RolloutCallback, RolloutEngine, Rollouts, Sampling
 from trd_lightning.rollout.callback import STUDENT
@@ -102,6 +103,7 @@ class DistillationModule(EvaluationMixin, LightningModule):
         pivot_tokens: Sequence[str] = DEFAULT_PIVOTS,
         disagreement_threshold: float = 0.05,
         diagnostics_every: int = 10,
+        max_consecutive_skips: int = 5,
     ):
         super().__init__()
         if teacher is None:
@@ -132,8 +134,11 @@ class DistillationModule(EvaluationMixin, LightningModule):
         self.export_student = export_student
         self.disagreement_threshold = disagreement_threshold
         self.diagnostics_every = diagnostics_every
+        self.max_consecutive_skips = max_consecutive_skips
+        NonFiniteGuard(max_consecutive_skips)  # refuses a bad value now
         self.tokenizer = load_tokenizer(student)
         self.prompts = ChatPrompts(self.tokenizer)
+        self.check_sampling(student.config_vocab_size())  # before any weights load; again once they have
         self.pivot_ids = pivot_token_ids(self.tokenizer, pivot_tokens)
         self.student = None
         self.teacher_model = None  # the teacher's own weights, when it has any (not for a live/LoRA self-teacher)
@@ -154,13 +159,17 @@ class DistillationModule(EvaluationMixin, LightningModule):
             self.check_vocabularies(teacher)
             check_plain_head(teacher, "teacher")
         check_plain_head(self.student, "student")
-        vocab = vocab_size(self.student)
+        self.check_sampling(vocab_size(self.student))
+        self.stop_ids = stop_token_ids(self.tokenizer, self.student)
+        self.engine.setup(self.tokenizer, self.stop_ids)
+
+    def check_sampling(self, vocab: int | None) -> None:
+        if vocab is None:
+            return
         for sampling in (self.sampling, self.eval_sampling, getattr(self.refiner, "sampling", None)):
             if sampling is not None:
                 sampling.check_vocab(vocab)
         self.divergence.check_vocab(vocab)
-        self.stop_ids = stop_token_ids(self.tokenizer, self.student)
-        self.engine.setup(self.tokenizer, self.stop_ids)
 
     def check_vocabularies(self, teacher: torch.nn.Module) -> None:
         student_size, teacher_size = vocab_size(self.student), vocab_size(teacher)
@@ -190,7 +199,7 @@ class DistillationModule(EvaluationMixin, LightningModule):
         self.setup_metrics()
 
     def configure_callbacks(self):
-        return [RolloutCallback(self.sync_every)]
+        return [RolloutCallback(self.sync_every), NonFiniteGuard(self.max_consecutive_skips), GracefulInterrupt()]
 
     def configure_optimizers(self):
         params = [p for p in self.student.parameters() if p.requires_grad]
@@ -261,9 +270,10 @@ class DistillationModule(EvaluationMixin, LightningModule):
         self.timings["refine"] = time.perf_counter() - start
         views = self.make_views(batch, rollouts, targets)
         self.log_step(batch, rollouts, targets, views)
-        if views.num_target_tokens == 0:
+        if views.num_target_tokens == 0:  # never train, nor log a loss, on nothing
             self.skipped_empty += 1
             self.log("train/skipped_empty_steps", float(self.skipped_empty))
+            rank_zero_warn(f"step {self.global_step}: every target is empty; skipped ({self.skipped_empty} so far)")
             return None
         out, teacher = self.distill(views)
         self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=len(rollouts))
@@ -418,12 +428,14 @@ class DistillationModule(EvaluationMixin, LightningModule):
 
     # Checkpoints hold the teacher only when it cannot be reloaded from its path (a step-0 copy).
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["trd_counters"] = {"skipped_empty": self.skipped_empty}
         if not self.teacher.persistent:
             state = checkpoint["state_dict"]
             for key in [k for k in state if k.startswith("teacher_model.")]:
                 del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped_empty = checkpoint.get("trd_counters", {}).get("skipped_empty", 0)
         if not self.teacher.persistent and self.teacher_model is not None:
             state = checkpoint["state_dict"]
             for key, value in self.teacher_model.state_dict().items():

@@ -4,17 +4,22 @@ rendered with the student's prompt template and the tokenizer's chat template.""
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from trd_lightning.models import resolve_path
 from trd_lightning.rollout.base import Rollouts
 from trd_lightning.templates import PROBLEM, SOLUTION, Template
 from trd_lightning.views import ChatPrompts, PromptTooLongError
+
+# torchdata 0.11 calls an API that torch 2.13 deprecates, at every iteration; nothing to act on.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 
 class DataError(ValueError):
@@ -186,8 +191,9 @@ class PromptDataModule(LightningDataModule):
             for name in self.dataset_names(split) or [split]:
                 self.prepare(split, name)
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.prepare("train"), batch_size=self.batch_size, shuffle=True, collate_fn=collate, num_workers=self.num_workers)
+    def train_dataloader(self) -> StatefulDataLoader:
+        # Stateful: Lightning checkpoints its position (and shuffle generator), so a resumed run goes on mid-epoch.
+        return StatefulDataLoader(self.prepare("train"), batch_size=self.batch_size, shuffle=True, collate_fn=collate, num_workers=self.num_workers)
 
     def eval_dataloaders(self, split: str) -> DataLoader | list[DataLoader]:
         loaders = []

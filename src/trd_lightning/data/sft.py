@@ -53,6 +53,7 @@ class SFTDataModule(PromptDataModule):
         return self.datasets[("train", "train")]
 
     def train_dataloader(self) -> DataLoader:
+        # A plain DataLoader: its shuffle order is what rebuilds the demo models bit for bit.
         return DataLoader(
             self.prepare("train"),
             batch_size=self.batch_size,

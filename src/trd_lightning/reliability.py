@@ -1,0 +1,176 @@
+"""What keeps a long run trustworthy: exact resume, graceful interruption, non-finite steps skipped.
+
+- ``rng_state`` / ``set_rng_state``: every RNG rollout sampling draws from, as checkpointable tensors;
+- ``NonFiniteGuard``: a step whose loss or gradient is NaN/inf changes no weight; N in a row stop the run;
+- ``GracefulInterrupt``: SIGTERM or SIGINT lets the current step finish, then writes ``last.ckpt``;
+- ``SafeCheckpointIO``: loads weights-only and names the file when it is truncated or corrupt;
+- ``find_last_checkpoint``: what ``--ckpt_path last`` means, across the logger's version folders.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from pathlib import Path
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+
+def rng_state() -> dict:
+    """The CPU and CUDA torch generators and Python's ``random``, in a weights-only-loadable form."""
+    version, internal, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class NonFiniteGuard(Callback):
+    """Skips the optimizer update of a step whose loss or gradients are not finite (the gradients are
+    dropped, so AdamW leaves every weight and moment untouched), counts and logs it, and stops the run
+    after ``max_consecutive`` such steps in a row."""
+
+    def __init__(self, max_consecutive: int = 5):
+        if max_consecutive <= 0:
+            raise ValueError(f"max_consecutive_skips must be > 0 (got {max_consecutive})")
+        self.max_consecutive = max_consecutive
+        self.skipped, self.consecutive = 0, 0
+        self.loss: float | None = None
+        self.reason: str | None = None
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.loss = float(loss.detach())
+        self.reason = None if torch.isfinite(loss.detach()) else f"loss {self.loss}"
+
+    def on_after_backward(self, trainer, pl_module):
+        params = [p for p in pl_module.parameters() if p.grad is not None]
+        if self.reason is None and params:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+            if not torch.isfinite(norm):
+                self.reason = f"gradient norm {float(norm)}"
+        if self.reason is not None:
+            for p in params:
+                p.grad = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.reason is None:
+            self.consecutive = 0
+        else:
+            self.skipped += 1
+            self.consecutive += 1
+            rank_zero_warn(f"step {trainer.global_step}: skipped the update, non-finite {self.reason}")
+        pl_module.log("train/skipped_nonfinite_steps", float(self.skipped))
+        if self.consecutive >= self.max_consecutive:
+            raise RuntimeError(
+                f"stopped after {self.consecutive} consecutive steps with a non-finite loss or gradient (the last: "
+                f"{self.reason}, at step {trainer.global_step}); lower the learning rate, check the data and the "
+                "teacher's outputs, or resume from an earlier checkpoint"
+            )
+        self.reason = None
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped, self.consecutive = state["skipped"], state["consecutive"]
+
+
+class GracefulInterrupt(Callback):
+    """SIGTERM (Lightning's own handler) or a first SIGINT (turned into a SIGTERM): finish the step,
+    write ``last.ckpt`` next to the run's checkpoints, and stop. A second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def setup(self, trainer, pl_module, stage):
+        if stage == "fit" and _main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def teardown(self, trainer, pl_module, stage):
+        self.restore()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.restore()
+
+    def restore(self) -> None:
+        if self.previous is not None and _main_thread():
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+    def _on_sigint(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        rank_zero_info("interrupt received: finishing this step, then saving last.ckpt (interrupt again to stop at once)")
+        os.kill(os.getpid(), signal.SIGTERM)  # from here on, exactly Lightning's graceful SIGTERM path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not trainer.strategy.reduce_boolean_decision(bool(trainer.received_sigterm), all=False):
+            return
+        path = checkpoint_dir(trainer) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint):
+                callback.last_model_path = str(path)  # so it, and its restored self, overwrite this file, not version it
+        trainer.save_checkpoint(path)
+        rank_zero_info(f"interrupted after step {trainer.global_step}: saved {path}; resume with --ckpt_path last")
+        # Lightning writes this step's logs, then stops with SIGTERMException (no validation first).
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def checkpoint_dir(trainer) -> Path:
+    callback = trainer.checkpoint_callback
+    if callback is not None and callback.dirpath:
+        return Path(callback.dirpath)
+    return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's atomic writes (a temporary file, moved into place when complete), plus weights-only
+    loading and an error that names a truncated or corrupt file."""
+
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None):
+        if not Path(path).is_file():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True if weights_only is None else weights_only)
+        except Exception as error:  # torch reports truncation as a zip-reader or unpickling failure
+            raise CheckpointError(
+                f"checkpoint {path} cannot be loaded: it is truncated, corrupt, or holds more than weights ({error}); "
+                "resume from an earlier checkpoint in the same folder"
+            ) from error
+
+
+def find_last_checkpoint(save_dir: str | Path, name: str) -> tuple[Path, int] | None:
+    """The newest ``<save_dir>/<name>/version_N/checkpoints/last.ckpt`` and its N."""
+    found = []
+    for path in Path(save_dir, name).glob("version_*/checkpoints/last.ckpt"):
+        suffix = path.parent.parent.name.removeprefix("version_")
+        if suffix.isdigit():
+            found.append((int(suffix), path))
+    if not found:
+        return None
+    version, path = max(found)
+    return path, version

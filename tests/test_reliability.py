@@ -1,0 +1,279 @@
+"""Reliability: exact resume after an interruption, atomic and checked checkpoints, non-finite steps skipped,
+degenerate rollouts survived, and bad input refused before compute with a message that names the fix."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+
+from trd_lightning.cli import main
+from trd_lightning.reliability import CheckpointError, SafeCheckpointIO
+
+from .test_cli import scalars
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo"
+
+
+class InterruptAt(Callback):
+    """Sends this process a signal at the end of the given step (0-based), as a scheduler or a user would."""
+
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM)):
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step + 1:
+            os.kill(os.getpid(), self.signum)
+
+
+class PoisonSteps(Callback):
+    """Fault injection: at the listed steps, make the loss (``what="loss"``) or the gradients non-finite."""
+
+    def __init__(self, steps: list[int], what: str = "loss"):
+        self.steps, self.what, self.hook = set(steps), what, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step not in self.steps:
+            return
+        if self.what == "loss":
+            pl_module.divergence = NaNLoss(pl_module.divergence)
+        else:
+            param = next(p for p in pl_module.student.parameters() if p.requires_grad)
+            self.hook = param.register_hook(lambda grad: grad * float("inf"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if isinstance(pl_module.divergence, NaNLoss):
+            pl_module.divergence = pl_module.divergence.inner
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
+
+
+class NaNLoss:
+    """Wraps a divergence so that its loss comes out NaN (the per-token values stay as they are)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+
+def fit_args(config: str, tmp_path: Path, name: str, steps: int, *extra: str) -> list[str]:
+    return ["fit", "--config", str(DEMO / f"{config}.yaml"), f"--trainer.max_steps={steps}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.logger.init_args.name={name}",
+            "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1", "--validate_before_fit=false",
+            "--data.init_args.batch_size=4", "--trainer.callbacks.init_args.every_n_train_steps=100", *extra]
+
+
+@pytest.mark.parametrize("config, signum", [("trd", signal.SIGTERM), ("trd_opsd", signal.SIGINT)], ids=["trd-sigterm", "trd_opsd-sigint"])
+def test_interrupted_run_resumes_to_exactly_the_uninterrupted_one(config, signum, tmp_path):
+    # Sampled validation mid-run draws random numbers too: it must not shift the training stream.
+    common = ["--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--data.init_args.eval_batch_size=4",
+              "--model.init_args.eval_sampling={greedy: false, n: 2, max_new_tokens: 48}"]
+    common.append("--trainer.callbacks.init_args.every_n_train_steps=3")
+    main(fit_args(config, tmp_path, "straight", 6, *common))
+    with pytest.raises(SystemExit):
+        main(fit_args(config, tmp_path, "broken", 6, *common, "--trainer.callbacks+=tests.test_reliability.InterruptAt",
+                      "--trainer.callbacks.step=2", f"--trainer.callbacks.signum={int(signum)}"))
+    interrupted = torch.load(tmp_path / "broken/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert interrupted["global_step"] == 3, sorted(p.name for p in (tmp_path / "broken/version_0/checkpoints").iterdir())
+    main(fit_args(config, tmp_path, "broken", 6, *common, "--ckpt_path=last"))
+
+    straight = torch.load(tmp_path / "straight/version_0/checkpoints/last.ckpt", weights_only=True)
+    resumed = torch.load(tmp_path / "broken/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert straight["global_step"] == resumed["global_step"] == 6
+    assert straight["state_dict"].keys() == resumed["state_dict"].keys()
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    a, b = scalars(tmp_path / "straight/version_0"), scalars(tmp_path / "broken/version_0")
+    for tag in ("train/loss", "rollout/accuracy", "refine/accuracy_y_r", "val/student/avg@2"):
+        assert sorted(a[tag]) == sorted(set(b[tag])), tag  # the resumed run logged every step once more, identically
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    """A write that dies half-way leaves neither a partial file nor the old one damaged."""
+    import fsspec.implementations.local as local
+
+    target = tmp_path / "last.ckpt"
+    SafeCheckpointIO().save_checkpoint({"w": torch.ones(3)}, target)
+    before = target.read_bytes()
+    original_write = local.LocalFileOpener.write
+
+    def dying_write(self, data):
+        original_write(self, data[: len(data) // 2])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(local.LocalFileOpener, "write", dying_write)
+    with pytest.raises(OSError, match="disk full"):
+        SafeCheckpointIO().save_checkpoint({"w": torch.zeros(1000)}, target)
+    monkeypatch.undo()
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_a_truncated_checkpoint_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "run.ckpt"
+    SafeCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:1500])
+    with pytest.raises(CheckpointError, match=f"checkpoint {path} cannot be loaded: it is truncated, corrupt"):
+        SafeCheckpointIO().load_checkpoint(path)
+    with pytest.raises(SystemExit, match=f"trd: error: checkpoint {path} cannot be loaded"):
+        main(fit_args("opd", tmp_path, "x", 1, f"--ckpt_path={path}"))
+
+
+def test_checkpoints_load_weights_only(tmp_path):
+    path = tmp_path / "pickled.ckpt"
+    torch.save({"state_dict": {}, "payload": Path("/etc")}, path)  # an arbitrary object needs unpickling
+    with pytest.raises(CheckpointError, match="holds more than weights"):
+        SafeCheckpointIO().load_checkpoint(path)
+
+
+def test_resume_last_without_a_checkpoint_says_so(tmp_path):
+    with pytest.raises(SystemExit, match="--ckpt_path last: no .*version_\\*/checkpoints/last.ckpt to resume from"):
+        main(fit_args("opd", tmp_path, "never", 1, "--ckpt_path=last"))
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient"])
+def test_a_non_finite_step_changes_no_weight_and_is_counted(what, tmp_path):
+    main(fit_args("opd", tmp_path, what, 4, "--trainer.callbacks+=tests.test_reliability.PoisonSteps",
+                  "--trainer.callbacks.steps=[1, 2]", f"--trainer.callbacks.what={'loss' if what == 'loss' else 'grad'}",
+                  "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps=1",
+                  "--trainer.callbacks.save_top_k=-1", "--trainer.callbacks.filename={step}"))
+    checkpoints = tmp_path / what / "version_0" / "checkpoints"
+    states = {s: torch.load(checkpoints / f"step={s}.ckpt", weights_only=True) for s in (1, 2, 3)}
+    for key, value in states[1]["state_dict"].items():  # steps 1 and 2 were poisoned: nothing moved
+        assert torch.equal(value, states[3]["state_dict"][key]), key
+    assert states[1]["optimizer_states"][0]["state"].keys() == states[3]["optimizer_states"][0]["state"].keys()
+    for index, state in states[1]["optimizer_states"][0]["state"].items():
+        assert torch.equal(state["exp_avg"], states[3]["optimizer_states"][0]["state"][index]["exp_avg"])
+    logged = scalars(tmp_path / what / "version_0")
+    assert [v for _, v in logged["train/skipped_nonfinite_steps"]] == [0.0, 1.0, 2.0, 2.0]
+
+
+def test_consecutive_non_finite_steps_stop_the_run_with_what_was_seen(tmp_path):
+    with pytest.raises(RuntimeError, match=r"stopped after 3 consecutive steps with a non-finite loss or gradient \(the last: loss nan"):
+        main(fit_args("opd", tmp_path, "nan", 10, "--model.init_args.max_consecutive_skips=3",
+                      "--trainer.callbacks+=tests.test_reliability.PoisonSteps", "--trainer.callbacks.steps=[0,1,2,3,4,5,6,7,8,9]"))
+
+
+def test_degenerate_rollouts_are_survived_and_logged(tmp_path, monkeypatch):
+    from trd_lightning.rollout.hf import HFEngine
+
+    # Every rollout ends at once: the stop token is the whole rollout; training goes on, on that token.
+    original_setup = HFEngine.setup
+    monkeypatch.setattr(HFEngine, "setup", lambda self, tok, stops: original_setup(self, tok, set(range(259))))
+    main(fit_args("opd", tmp_path, "eos", 2))
+    monkeypatch.undo()
+    logged = scalars(tmp_path / "eos/version_0")
+    assert [v for _, v in logged["rollout/length"]] == [1.0, 1.0] and len(logged["train/loss"]) == 2
+
+    # Every rollout is cut off: recorded, and trained on as it is.
+    main(fit_args("opd", tmp_path, "cut", 2, "--model.init_args.sampling.max_new_tokens=3"))
+    assert [v for _, v in scalars(tmp_path / "cut/version_0")["rollout/truncated"]] == [1.0, 1.0]
+
+    # Every rewrite is cut off (no answer in it): each row falls back to y_o, counted.
+    main(fit_args("trd", tmp_path, "norewrite", 2, "--model.init_args.refiner.init_args.sampling.max_new_tokens=3"))
+    logged = scalars(tmp_path / "norewrite/version_0")
+    assert [v for _, v in logged["refine/fallbacks"]] == [4.0, 4.0] and [v for _, v in logged["refine/refined_fraction"]] == [0.0, 0.0]
+
+    # No tokens at all: the step is skipped and counted, never trained or logged as a loss.
+    original_generate = HFEngine.generate
+
+    def empty(self, role, model, prompts, sampling):
+        out = original_generate(self, role, model, prompts, sampling)
+        out.token_ids = [[] for _ in out.token_ids]
+        return out
+
+    monkeypatch.setattr(HFEngine, "generate", empty)
+    main(fit_args("opd", tmp_path, "empty", 2))
+    logged = scalars(tmp_path / "empty/version_0")
+    assert "train/loss" not in logged and [v for _, v in logged["train/skipped_empty_steps"]] == [1.0, 2.0]
+
+
+BAD_INPUTS = [
+    ("malformed YAML", ["--config", "{bad_yaml}"], "Problems parsing config"),
+    ("unknown class_path", ["--model.init_args.refiner=trd_lightning.refiners.Nope"],
+     "model.refiner: .*has no attribute 'Nope'.*unknown class_path 'trd_lightning.refiners.Nope'; the plug-ins are"),
+    ("batch size zero", ["--data.init_args.batch_size=0"], "data batch_size must be > 0"),
+    ("temperature zero", ["--model.init_args.sampling.temperature=0"], "sampling temperature must be > 0 .*greedy: true"),
+    ("top_k over the vocabulary", ["--model.init_args.sampling.top_k=300"], "top_k=300 is larger than the vocabulary \\(259 tokens\\)"),
+    ("max_new_tokens zero", ["--model.init_args.sampling.max_new_tokens=0"], "max_new_tokens must be > 0"),
+    ("invalid UTF-8", ["--data.init_args.train_path={bad_utf8}"], "bad.jsonl:2: the line is not valid UTF-8"),
+    ("missing field", ["--data.init_args.train_path={no_field}"], "nofield.jsonl:1: missing the field 'problem'"),
+    ("no chat template", ["--model.init_args.student.tokenizer={bare_tokenizer}"], "has no chat template; set `chat_template`"),
+    ("refine template without {attempt}", ["--model.init_args.refiner=trd_lightning.refiners.TeacherRewrite",
+                                            "--model.init_args.refiner.template={problem} fix it"], "lacks the placeholder \\{attempt\\}"),
+]
+
+
+@pytest.fixture()
+def bad_files(tmp_path, tokenizer):
+    import copy
+
+    (tmp_path / "bad.yaml").write_text("model:\n  init_args: [unclosed\n")
+    (tmp_path / "bad.jsonl").write_bytes(b'{"problem": "1+1", "answer": "2", "solution": "1+1=2;a:2"}\n{"problem": "\xff"}\n')
+    (tmp_path / "nofield.jsonl").write_text('{"question": "1+1", "answer": "2"}\n')
+    bare = copy.deepcopy(tokenizer)
+    bare.chat_template = None
+    bare.save_pretrained(tmp_path / "bare")
+    for leftover in (tmp_path / "bare").glob("chat_template.*"):
+        leftover.unlink()
+    return {"bad_yaml": str(tmp_path / "bad.yaml"), "bad_utf8": str(tmp_path / "bad.jsonl"),
+            "no_field": str(tmp_path / "nofield.jsonl"), "bare_tokenizer": str(tmp_path / "bare")}
+
+
+@pytest.mark.parametrize("case, extra, match", BAD_INPUTS, ids=[c for c, _, _ in BAD_INPUTS])
+def test_bad_input_is_refused_before_compute(case, extra, match, bad_files, tmp_path, monkeypatch, capsys):
+    from trd_lightning.module import DistillationModule
+
+    started = []
+    monkeypatch.setattr(DistillationModule, "configure_model", lambda self: started.append(True))
+    extra = [arg.format(**bad_files) if "{" in arg and "}" in arg and "{problem}" not in arg else arg for arg in extra]
+    args = fit_args("opd", tmp_path, "bad", 1, *extra)
+    with pytest.raises(SystemExit) as error:
+        main(args)
+    import re
+
+    assert re.search(match, str(error.value) + capsys.readouterr().err, re.S), str(error.value)
+    assert not started  # refused before any model was loaded
+
+
+def test_the_chatml_fallback_serves_a_tokenizer_without_a_template(bad_files, tmp_path):
+    main(fit_args("opd", tmp_path, "chatml", 1, f"--model.init_args.student.tokenizer={bad_files['bare_tokenizer']}",
+                  "--model.init_args.student.chat_template=chatml"))
+    assert scalars(tmp_path / "chatml/version_0")["train/loss"]
+
+
+def test_remote_code_is_off_unless_asked(monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trd_lightning.models import ModelSpec, load_model, load_tokenizer
+
+    seen = []
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: seen.append(k["trust_remote_code"]) or _Stop())
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: seen.append(k["trust_remote_code"]) or _Stop())
+    for spec in (ModelSpec(path="demo:student"), ModelSpec(path="demo:student", trust_remote_code=True)):
+        for load in (load_tokenizer, load_model):
+            with pytest.raises(_StopError):
+                load(spec)
+    assert seen == [False, False, True, True]
+
+
+class _StopError(Exception):
+    pass
+
+
+class _Stop:
+    def __getattr__(self, name):
+        raise _StopError
