@@ -245,8 +245,21 @@ def test_bad_input_is_refused_before_compute(case, extra, match, bad_files, tmp_
         main(args)
     import re
 
-    assert re.search(match, str(error.value) + capsys.readouterr().err, re.S), str(error.value)
+    message = str(error.value) + capsys.readouterr().err
+    assert re.search(match, message, re.S), message
+    assert "Given value" not in message and "AddedToken" not in message  # the fix, not a dump of every argument
     assert not started  # refused before any model was loaded
+
+
+def test_bad_training_data_is_refused_before_validate_before_fit_computes(bad_files, tmp_path, monkeypatch):
+    from trd_lightning.module import DistillationModule
+
+    started = []
+    monkeypatch.setattr(DistillationModule, "configure_model", lambda self: started.append(True))
+    args = fit_args("opd", tmp_path, "bad", 1, f"--data.init_args.train_path={bad_files['bad_utf8']}")
+    with pytest.raises(SystemExit, match="bad.jsonl:2: the line is not valid UTF-8"):
+        main([*args, "--validate_before_fit=true"])
+    assert not started
 
 
 def test_the_chatml_fallback_serves_a_tokenizer_without_a_template(bad_files, tmp_path):

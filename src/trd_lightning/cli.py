@@ -93,6 +93,7 @@ class TRDCLI(LightningCLI):
 
     def before_fit(self):
         if self.config.fit.get("validate_before_fit") and not self.config.fit.get("ckpt_path"):
+            self.datamodule.setup("fit")  # read and check the training data too, before validation computes anything
             self.trainer.validate(self.model, datamodule=self.datamodule)
 
 
@@ -106,6 +107,9 @@ def concise(text: str) -> str:
     """jsonargparse's nested report, cut to where the problem is and what it is."""
     if "Does not validate against" not in text and "Parser key" not in text:
         return text
+    text = text.split("Given value type:")[0]  # what follows is a dump of every argument
+    # "the value is not None" alternatives, with their own multi-line dumps, say nothing useful
+    text = re.sub(r"- Expected a <class 'NoneType'>.*?(?=\n\s*- |\Z)", "", text, flags=re.S)
     keys = [k for k in re.findall(r'Parser key "([^"]+)"', text)]
     reasons = []
     for line in text.splitlines():

@@ -195,7 +195,7 @@ class DistillationModule(EvaluationMixin, LightningModule):
                 "but the data has none; set data.solution_field to the column that holds it"
             )
         if datamodule is not None:
-            check_answers(self.verifier, datamodule, ["val", "test"] if stage == "fit" else [stage])
+            check_answers(self.verifier, datamodule, {"fit": ["val"], "validate": ["val"], "test": ["test"]}.get(stage, []))
         self.setup_metrics()
 
     def configure_callbacks(self):
