@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from trd_lightning.data.prompts import DataError
-from trd_lightning.reliability import CheckpointError, SafeCheckpointIO, find_last_checkpoint
+from trd_lightning.reliability import CheckpointError, SafeCheckpointIO, check_checkpoint, find_last_checkpoint
 
 PLUGINS = (
     "teachers: trd_lightning.teachers.SeparateTeacher | SelfTeacher; "
@@ -75,7 +75,7 @@ class TRDCLI(LightningCLI):
             if init is not None:
                 init.version = version
         try:
-            SafeCheckpointIO().load_checkpoint(config.ckpt_path, map_location="cpu")
+            check_checkpoint(config.ckpt_path)
         except CheckpointError as error:
             fail(str(error))
 

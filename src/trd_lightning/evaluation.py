@@ -48,23 +48,27 @@ class EvaluationMixin:
         return f"{stage}/{who}" if len(self.eval_datasets[stage]) == 1 else f"{stage}/{dataset}/{who}"
 
     def correct_per_problem(self, batch: PromptBatch, rollouts: Rollouts) -> list[int]:
+        """How many of each real (not padding) problem's completions are right."""
         counts = [0] * len(batch)
         for i, text in zip(rollouts.prompt_index, rollouts.texts):
             counts[i] += int(self.verifier.score(text, batch.answer[i]))
-        return counts
+        padding = batch.padding or [False] * len(batch)
+        return [c for c, pad in zip(counts, padding) if not pad]
 
     def score(self, stage: str, dataloader_idx: int, who: str, batch: PromptBatch, rollouts: Rollouts) -> None:
         key = self.metric_key(stage, self.dataset_name(stage, dataloader_idx), who)
         self.metrics[key].update(self.correct_per_problem(batch, rollouts))
 
+    def evaluated_in(self, stage: str) -> tuple[str, ...]:
+        """Who produces completions in this stage; the same on every rank, since computing a metric is a collective."""
+        return self.evaluated
+
     def compute_metrics(self, stage: str) -> list[dict]:
-        """Rows of (dataset, who, metrics...) for the metrics updated in this stage; logs and resets them."""
+        """Rows of (dataset, who, metrics...) for this stage; logs and resets them."""
         rows = []
         for dataset in self.eval_datasets[stage]:
-            for who in self.evaluated:
+            for who in self.evaluated_in(stage):
                 metric = self.metrics[self.metric_key(stage, dataset, who)]
-                if not metric.update_called:
-                    continue
                 values = {name: float(value) for name, value in metric.compute().items()}
                 problems = int(values.pop("problems"))  # the count over every process, not this rank's
                 for name, value in values.items():

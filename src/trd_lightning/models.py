@@ -80,6 +80,54 @@ class ModelSpec:
         return self.path or f"{self.config.get('model_type', 'model')} built from config"
 
 
+@dataclass
+class Sharding:
+    """FSDP2 settings, used when the strategy gives the module a device mesh (``configs/strategy/fsdp.yaml``).
+
+    Each decoder layer is one ``fully_shard`` unit, the rest of the model (embeddings, final norm, LM head)
+    the root unit. ``param_dtype`` is the compute dtype of the gathered weights (null: the model's own;
+    ``bfloat16`` on GPUs), gradients are reduced in ``reduce_dtype``; ``cpu_offload`` keeps the shards
+    (and the optimizer state) in host memory. ``reshard_after_forward`` applies to the layers; the root
+    stays gathered from its forward to its backward, as the fused divergence reads the LM head there.
+    """
+
+    param_dtype: str | None = None
+    reduce_dtype: str | None = "float32"
+    cpu_offload: bool = False
+    reshard_after_forward: bool = True
+
+    def apply(self, model: nn.Module, mesh) -> nn.Module:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        kwargs = {"mesh": mesh}
+        if self.param_dtype or self.reduce_dtype:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(
+                param_dtype=getattr(torch, self.param_dtype) if self.param_dtype else None,
+                reduce_dtype=getattr(torch, self.reduce_dtype) if self.reduce_dtype else None,
+            )
+        if self.cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+        for layer in base_model(model).get_decoder().layers:
+            fully_shard(layer, reshard_after_forward=self.reshard_after_forward, **kwargs)
+        fully_shard(model, **kwargs)  # the root: FSDP2 keeps its parameters gathered after forward
+        return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict on CPU: gathered from every rank when sharded (call it on every rank)."""
+    if not is_sharded(model):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def resolve_path(path: str, what: str = "model") -> Path:
     """A local directory or file. ``demo:<name>`` names one of the embedded demo assets;
     ``pkg:<module>[/<sub/path>]`` a folder inside an installed package, found without importing it
@@ -180,11 +228,23 @@ def vocab_size(model: nn.Module) -> int:
     return base_model(model).get_output_embeddings().weight.shape[0]
 
 
-def export_hf(model: nn.Module, tokenizer, directory: str | Path) -> Path:
-    """Save a plain transformers checkpoint (LoRA merged into a copy) that ``from_pretrained`` loads."""
+def export_hf(model: nn.Module, tokenizer, directory: str | Path, spec: ModelSpec | None = None, rank: int = 0) -> Path | None:
+    """Save a plain transformers checkpoint (LoRA merged into a copy) that ``from_pretrained`` loads.
+
+    A sharded model is gathered first (every rank must call this); rank 0 then rebuilds the model from
+    ``spec`` on CPU, loads the gathered weights, and writes it.
+    """
     import copy
 
     directory = Path(directory)
+    if is_sharded(model):
+        state = full_state_dict(model)
+        if rank != 0:
+            return None
+        model = load_model(spec)
+        model.load_state_dict(state)
+    elif rank != 0:
+        return None
     if is_peft(model):
         model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(directory)
@@ -210,11 +270,17 @@ def check_plain_head(model: nn.Module, role: str) -> None:
 def last_hidden_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """The final hidden states (after the last norm) at positions (rows, cols): [N, H].
 
-    Runs the decoder stack only, so no [B, T, V] logits are built; LoRA layers live inside it.
+    It runs the model's own forward, so wrappers (peft, FSDP2) do their part, with logits for one
+    position only; the decoder's output is caught on the way. Under FSDP2 the root's parameters (the
+    LM head among them) stay gathered after this forward, ready for the fused divergence.
     """
-    decoder = base_model(model).get_decoder()
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    return hidden[rows, cols]
+    captured = []
+    hook = base_model(model).get_decoder().register_forward_hook(lambda module, args, output: captured.append(output.last_hidden_state))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return captured[-1][rows, cols]
 
 
 def stop_token_ids(tokenizer, model: nn.Module | None = None) -> set[int]:

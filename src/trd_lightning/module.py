@@ -28,6 +28,8 @@ from trd_lightning.evaluation import EvaluationMixin, check_answers, plot_positi
 from trd_lightning.losses import Divergence, DivergenceOutput
 from trd_lightning.models import (
     ModelSpec,
+    Sharding,
+    is_sharded,
     check_plain_head,
     export_hf,
     last_hidden_at,
@@ -104,6 +106,7 @@ class DistillationModule(EvaluationMixin, LightningModule):
         disagreement_threshold: float = 0.05,
         diagnostics_every: int = 10,
         max_consecutive_skips: int = 5,
+        sharding: Sharding | None = None,
     ):
         super().__init__()
         if teacher is None:
@@ -135,6 +138,7 @@ class DistillationModule(EvaluationMixin, LightningModule):
         self.disagreement_threshold = disagreement_threshold
         self.diagnostics_every = diagnostics_every
         self.max_consecutive_skips = max_consecutive_skips
+        self.sharding = sharding or Sharding()
         NonFiniteGuard(max_consecutive_skips)  # refuses a bad value now
         self.tokenizer = load_tokenizer(student)
         self.prompts = ChatPrompts(self.tokenizer)
@@ -154,7 +158,7 @@ class DistillationModule(EvaluationMixin, LightningModule):
         if self.student is not None:
             return
         self.student = load_model(self.student_spec)
-        self.teacher_model = self.teacher.build(self.student)
+        self.teacher_model = self.teacher.build(self.student)  # a frozen copy is taken before any sharding
         with self.teacher_scope() as teacher:
             self.check_vocabularies(teacher)
             check_plain_head(teacher, "teacher")
@@ -162,6 +166,29 @@ class DistillationModule(EvaluationMixin, LightningModule):
         self.check_sampling(vocab_size(self.student))
         self.stop_ids = stop_token_ids(self.tokenizer, self.student)
         self.engine.setup(self.tokenizer, self.stop_ids)
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over its data-parallel dimension
+            mesh = self.device_mesh["data_parallel"]
+            self.sharding.apply(self.student, mesh)
+            if self.teacher_model is not None:
+                self.sharding.apply(self.teacher_model, mesh)
+        self.exclude_reloadable_teacher()
+
+    def exclude_reloadable_teacher(self) -> None:
+        """A teacher loaded from a path is left out of checkpoints (an 8B teacher would double each one) and
+        not expected back when one loads; a frozen step-0 copy stays in them."""
+        if self.teacher.persistent or self.teacher_model is None:
+            return
+        marker = "teacher_model."
+
+        def drop_from_state_dict(module, state_dict, prefix, local_metadata):
+            for key in [k for k in state_dict if k.startswith(prefix + marker)]:
+                del state_dict[key]
+
+        def forgive_missing(module, incompatible):
+            incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.startswith(marker)]
+
+        self.register_state_dict_post_hook(drop_from_state_dict)
+        self.register_load_state_dict_post_hook(forgive_missing)
 
     def check_sampling(self, vocab: int | None) -> None:
         if vocab is None:
@@ -239,7 +266,9 @@ class DistillationModule(EvaluationMixin, LightningModule):
     def teacher_forward(self, inputs: ModelInputs) -> TeacherPass:
         """The teacher's last hidden states at the target positions, without autograd."""
         inputs = inputs.to(self.device)
-        with torch.inference_mode(), self.teacher_scope() as teacher:
+        # inference_mode where it is safe; FSDP2 reuses its gathered buffers across modes, so no_grad there.
+        no_autograd = torch.no_grad() if is_sharded(self.student) else torch.inference_mode()
+        with no_autograd, self.teacher_scope() as teacher:
             hidden = last_hidden_at(teacher, inputs.input_ids, inputs.attention_mask, *inputs.predicting_positions())
             weight, bias = output_head(teacher)
         # Inference tensors cannot be saved for backward: clone into a normal tensor before it meets the graph.
@@ -258,6 +287,8 @@ class DistillationModule(EvaluationMixin, LightningModule):
             student_hidden, student_weight, teacher.hidden, teacher.weight,
             views.target_ids.to(self.device), views.target_lengths, student_bias, teacher.bias,
         )
+        if self.teacher_model is not None and is_sharded(self.teacher_model):
+            self.teacher_model.reshard()  # its gathered head is no longer needed: free it until the next forward
         self.timings["student_forward"] = time.perf_counter() - start
         return out, teacher
 
@@ -270,7 +301,8 @@ class DistillationModule(EvaluationMixin, LightningModule):
         self.timings["refine"] = time.perf_counter() - start
         views = self.make_views(batch, rollouts, targets)
         self.log_step(batch, rollouts, targets, views)
-        if views.num_target_tokens == 0:  # never train, nor log a loss, on nothing
+        # Never train, nor log a loss, on nothing; and skip together, or the ranks' collectives fall out of step.
+        if self.trainer.strategy.reduce_boolean_decision(views.num_target_tokens == 0, all=False):
             self.skipped_empty += 1
             self.log("train/skipped_empty_steps", float(self.skipped_empty))
             rank_zero_warn(f"step {self.global_step}: every target is empty; skipped ({self.skipped_empty} so far)")
@@ -303,9 +335,9 @@ class DistillationModule(EvaluationMixin, LightningModule):
         pivots = pivot_mass(teacher.hidden, teacher.weight, teacher.bias, out.teacher_lse, self.pivot_ids)
         stats = trajectory_stats(views.target_lengths, out.teacher_logprobs, self.disagreement_threshold,
                                  out.student_logprobs, out.per_token, pivots)
-        rewritten = any(targets.refined)
-        self.log_dict({f"diag/{k}_{'y_r' if rewritten else 'y_o'}": v for k, v in stats.items()}, batch_size=len(rollouts))
-        if rewritten and self.diagnostics_every and self.global_step % self.diagnostics_every == 0:
+        self.log_dict({f"diag/{k}_{'y_r' if self.refiner.rewrites else 'y_o'}": v for k, v in stats.items()}, batch_size=len(rollouts))
+        # The extra pass runs on a schedule, the same on every rank (a sharded teacher's forward is a collective).
+        if self.refiner.rewrites and self.diagnostics_every and self.global_step % self.diagnostics_every == 0:
             contexts = self.refiner.scoring_contexts(batch, rollouts.prompt_index, self.teacher_access)
             inputs = pack(contexts, rollouts.token_ids, self.tokenizer.pad_token_id)
             raw = self.teacher_forward(inputs)
@@ -390,21 +422,29 @@ class DistillationModule(EvaluationMixin, LightningModule):
             self.score("test", dataloader_idx, "teacher", batch, solutions)
         student_contexts = [batch.prompt_ids[i] for i in rollouts.prompt_index]
         scoring = self.refiner.scoring_contexts(batch, rollouts.prompt_index, self.teacher_access)
-        self.profile("y_o", build_views(student_contexts, scoring, rollouts.token_ids, self.tokenizer.pad_token_id))
-        refined = [r for r, flag in enumerate(targets.refined) if flag]
-        if refined:
-            pick = lambda values: [values[r] for r in refined]  # noqa: E731
-            self.profile("y_r", build_views(pick(student_contexts), pick(targets.teacher_contexts), pick(targets.token_ids),
-                                            self.tokenizer.pad_token_id))
+        scored = [not (batch.padding and batch.padding[i]) for i in rollouts.prompt_index]
+        self.profile("y_o", build_views(student_contexts, scoring, rollouts.token_ids, self.tokenizer.pad_token_id), scored)
+        if self.refiner.rewrites:  # every rank runs the same passes (sharded models); padding is left out after
+            self.profile("y_r", build_views(student_contexts, targets.teacher_contexts, targets.token_ids, self.tokenizer.pad_token_id),
+                         [keep and refined for keep, refined in zip(scored, targets.refined)])
 
-    def profile(self, trajectory: str, views: Views) -> None:
-        if views.num_target_tokens:
-            out, _ = self.distill(views)
-            self.profiles[trajectory].update(out.per_token, views.target_lengths)
+    def evaluated_in(self, stage: str) -> tuple[str, ...]:
+        return ("student", "teacher") if stage == "test" and self.evaluate_teacher else ("student",)
+
+    def profile(self, trajectory: str, views: Views, keep: list[bool]) -> None:
+        """Add the per-token divergence along each kept row to that trajectory's position profile."""
+        if not views.num_target_tokens:
+            return
+        out, _ = self.distill(views)
+        rows = out.per_token.split(views.target_lengths.tolist())
+        kept = [row for row, flag in zip(rows, keep) if flag]
+        if kept:
+            self.profiles[trajectory].update(torch.cat(kept), views.target_lengths[torch.tensor(keep)])
 
     def on_test_epoch_end(self):
         rows = self.compute_metrics("test")
-        profiles = {name: p.compute().tolist() for name, p in self.profiles.items() if p.update_called}
+        trajectories = ["y_o", "y_r"] if self.refiner.rewrites else ["y_o"]  # the same on every rank
+        profiles = {name: self.profiles[name].compute().tolist() for name in trajectories}
         directory = self.log_dir()
         self.write_results(directory, rows, {"divergence_by_relative_position": profiles, "divergence": self.divergence.describe()})
         if profiles:
@@ -421,22 +461,14 @@ class DistillationModule(EvaluationMixin, LightningModule):
     # -- the end ---------------------------------------------------------------------------------------
     def on_fit_end(self):
         directory = self.log_dir() / "student_hf"  # on every rank: the log dir is a collective under DDP
-        if not self.export_student or self.trainer.global_rank != 0:
+        if not self.export_student:
             return
-        export_hf(self.student, self.tokenizer, directory)
-        rank_zero_info(f"exported the student to {directory}")
+        # Every rank joins in: a sharded student is gathered before rank 0 writes it.
+        if export_hf(self.student, self.tokenizer, directory, self.student_spec, rank=self.global_rank) is not None:
+            rank_zero_info(f"exported the student to {directory}")
 
-    # Checkpoints hold the teacher only when it cannot be reloaded from its path (a step-0 copy).
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["trd_counters"] = {"skipped_empty": self.skipped_empty}
-        if not self.teacher.persistent:
-            state = checkpoint["state_dict"]
-            for key in [k for k in state if k.startswith("teacher_model.")]:
-                del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped_empty = checkpoint.get("trd_counters", {}).get("skipped_empty", 0)
-        if not self.teacher.persistent and self.teacher_model is not None:
-            state = checkpoint["state_dict"]
-            for key, value in self.teacher_model.state_dict().items():
-                state.setdefault(f"teacher_model.{key}", value)

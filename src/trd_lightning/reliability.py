@@ -147,6 +147,18 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def check_checkpoint(path: str | Path) -> None:
+    """Fail, naming the file, unless ``path`` is a loadable checkpoint: a file, or a distributed (sharded)
+    checkpoint folder whose ``meta.pt`` loads."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / ".metadata").is_file() or not (path / "meta.pt").is_file():
+            raise CheckpointError(f"checkpoint folder {path} lacks .metadata or meta.pt: it is not a complete distributed checkpoint")
+        SafeCheckpointIO().load_checkpoint(path / "meta.pt", map_location="cpu")
+    else:
+        SafeCheckpointIO().load_checkpoint(path, map_location="cpu")
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
     """Lightning's atomic writes (a temporary file, moved into place when complete), plus weights-only
     loading and an error that names a truncated or corrupt file."""

@@ -81,6 +81,5 @@ class SFTModule(EvaluationMixin, LightningModule):
 
     def on_fit_end(self):
         directory = Path(self.export_dir) if self.export_dir else self.log_dir() / "model_hf"  # every rank: a collective
-        if self.trainer.global_rank == 0:
-            export_hf(self.model, self.tokenizer, directory)
+        if export_hf(self.model, self.tokenizer, directory, self.model_spec, rank=self.global_rank) is not None:
             rank_zero_info(f"exported the model to {directory}")

@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from trd_lightning.models import resolve_path
@@ -35,6 +34,7 @@ class PromptBatch:
     answer: list[str | None]
     solution: list[str | None]
     prompt_ids: list[list[int]]
+    padding: list[bool] = field(default_factory=list)  # evaluation filler that keeps ranks in step; never scored
     rollouts: Rollouts | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -71,14 +71,34 @@ def read_records(path: str) -> list[dict]:
 
 
 class PromptDataset(Dataset):
+    """Tokenized problems. Positions past the end (asked for by ``EvenShardSampler``) return a copy of an
+    item marked as padding."""
+
     def __init__(self, items: list[dict]):
         self.items = items
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def __iter__(self):
+        return iter(self.items)  # the items themselves, never the padding positions
+
     def __getitem__(self, i: int) -> dict:
-        return self.items[i]
+        if i < len(self.items):
+            return self.items[i]
+        return {**self.items[i % len(self.items)], "padding": True}
+
+
+class EvenShardSampler(DistributedSampler):
+    """Evaluation under DDP/FSDP: each rank takes every world-size-th problem, all ranks the same number
+    (sharded models gather weights in every forward, so every rank must run as many); the positions past
+    the end are padding, which no metric counts."""
+
+    def __init__(self, dataset: Dataset):
+        super().__init__(dataset, shuffle=False, drop_last=False)
+
+    def __iter__(self):
+        return iter(range(self.rank, self.num_samples * self.num_replicas, self.num_replicas))
 
 
 def collate(items: list[dict]) -> PromptBatch:
@@ -88,6 +108,7 @@ def collate(items: list[dict]) -> PromptBatch:
         answer=[it["answer"] for it in items],
         solution=[it["solution"] for it in items],
         prompt_ids=[it["prompt_ids"] for it in items],
+        padding=[it.get("padding", False) for it in items],
     )
 
 
@@ -199,8 +220,7 @@ class PromptDataModule(LightningDataModule):
         loaders = []
         for name in self.dataset_names(split):
             dataset = self.prepare(split, name)
-            # Under DDP each rank takes its own problems, none repeated, so per-problem metrics stay exact.
-            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False) if distributed() else None
+            sampler = EvenShardSampler(dataset) if distributed() else None
             loaders.append(DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, collate_fn=collate, num_workers=self.num_workers))
         return loaders[0] if len(loaders) == 1 else loaders
 

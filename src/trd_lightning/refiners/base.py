@@ -39,6 +39,9 @@ class TeacherAccess:
 class Refiner:
     """Base class. Subclasses set how targets are made (``refine``) and which divergence fits them."""
 
+    #: Whether the teacher writes new targets (so there is a y_r to compare with y_o).
+    rewrites: bool = False
+
     def default_divergence(self) -> Divergence:
         return Divergence(direction="reverse", support="full")
 

@@ -26,6 +26,8 @@ class TeacherRewrite(Refiner):
     refines every rollout).
     """
 
+    rewrites = True
+
     def __init__(
         self,
         template: str = "math_refine",

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from trd_lightning.models import base_model
+from trd_lightning.models import base_model, is_sharded
 from trd_lightning.rollout.base import RolloutEngine, Rollouts, Sampling, split_completion
 
 
@@ -74,7 +74,10 @@ class HFEngine(RolloutEngine):
         for row, prompt in enumerate(prompts):  # left padding: every prompt ends where generation starts
             input_ids[row, width - len(prompt):] = torch.tensor(prompt)
             attention_mask[row, width - len(prompt):] = 1
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config)
+        # A sharded model gathers weights in every forward: all ranks must run as many, until every rank is done.
+        synced = is_sharded(model) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config,
+                             synced_gpus=synced)
         generated = out.sequences[:, width:]
         result = {"tokens": generated.tolist()}
         if config.output_logits:

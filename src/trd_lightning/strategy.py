@@ -1,0 +1,26 @@
+"""FSDP2 as a Lightning strategy: ``ModelParallelStrategy`` with every process a data-parallel rank."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Pure FSDP2 over all processes, on any number of devices and nodes (no tensor parallelism).
+
+    ``ModelParallelStrategy`` reads ``"auto"`` sizes as tensor parallelism within a node and data parallelism
+    across nodes, which would feed every process of a node the same batch. Here the data-parallel size is the
+    world size and the tensor-parallel size 1; ``DistillationModule.configure_model`` applies ``fully_shard``
+    over that one dimension.
+    """
+
+    def __init__(self, save_distributed_checkpoint: bool = True, process_group_backend: str | None = None, timeout: timedelta | None = None):
+        kwargs = {"timeout": timeout} if timeout is not None else {}
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend, **kwargs)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
