@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from trd_lightning.data.chain import sample_problems
-from trd_lightning.diagnostics import PositionProfile, first_disagreement, pivot_mass, pivot_token_ids, teacher_token_stats, trajectory_stats
+from trd_lightning.diagnostics import PositionProfile, first_disagreement, pivot_mass, pivot_token_ids, token_stats, trajectory_stats
 from trd_lightning.metrics import SampledAccuracy, pass_at_k
 from trd_lightning.verifiers import AnswerParseError, ExactMatch, MathVerifier
 
@@ -129,7 +129,7 @@ def test_pivot_mass_and_token_stats_on_a_constructed_head(tokenizer):
     head[5, 0] = math.log(9.0)  # row 0: p(5) = 9 / (9 + 9) = 0.5
     head[7, 1] = math.log(9.0)  # row 1: p(7) = 0.5
     targets = torch.tensor([5, 0, 7, 3])
-    logprobs, lse = teacher_token_stats(hidden, head, None, targets, chunk_size=3)
+    logprobs, lse = token_stats(hidden, head, None, targets, chunk_size=3)
     assert torch.allclose(lse, torch.log(torch.tensor([18.0, 18.0, 10.0, 10.0])))
     assert torch.allclose(logprobs.exp(), torch.tensor([0.5, 1 / 18, 0.1, 0.1]))
     mass = pivot_mass(hidden, head, None, lse, [5, 7])

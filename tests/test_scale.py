@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class ShardReport(Callback):
-    """Writes, per rank, each student parameter's local and global element counts."""
+    """Writes, per rank, each student parameter's local and global element counts at the start, and at the
+    end the whole weights as that rank gathers them for a rollout engine."""
 
     def __init__(self, directory: str):
         self.directory = directory
@@ -28,6 +29,12 @@ class ShardReport(Callback):
             sizes[name] = [local.numel(), param.numel()]
         Path(self.directory).mkdir(parents=True, exist_ok=True)
         (Path(self.directory) / f"shards_rank{trainer.global_rank}.json").write_text(json.dumps(sizes))
+
+    def on_train_end(self, trainer, pl_module):
+        from trd_lightning.models import hf_state_dict
+
+        gathered = {k: v.detach().clone() for k, v in hf_state_dict(pl_module.student).items()}
+        torch.save(gathered, Path(self.directory) / f"gathered_rank{trainer.global_rank}.pt")
 
 
 def trd(*args, cwd=ROOT):
@@ -89,6 +96,12 @@ def test_fsdp2_shards_checkpoints_resumes_and_exports(tmp_path):
     export = exported(run / "student_hf")
     for key, value in export.items():
         assert torch.equal(value, student[key]), key
+
+    # Every rank gathers the whole trained weights for its rollout engine (a vLLM sync), not only rank 0.
+    for rank in (0, 1):
+        gathered = torch.load(tmp_path / f"shards/gathered_rank{rank}.pt", weights_only=True)
+        assert set(gathered) == set(export)
+        assert all(torch.equal(gathered[k], export[k]) for k in export), rank
 
     # Resuming from the shards restores the step and exactly the same parameters.
     trd("fit", "--config", str(ROOT / "configs/demo/trd.yaml"), "--trainer", str(ROOT / "configs/strategy/fsdp.yaml"),

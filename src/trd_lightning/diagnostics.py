@@ -36,8 +36,8 @@ def pivot_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
 
 
 @torch.no_grad()
-def teacher_token_stats(hidden: Tensor, head: Tensor, bias: Tensor | None, targets: Tensor, chunk_size: int = 256) -> tuple[Tensor, Tensor]:
-    """log q(target) and the teacher's log-normaliser at each of N positions, a chunk at a time."""
+def token_stats(hidden: Tensor, head: Tensor, bias: Tensor | None, targets: Tensor, chunk_size: int = 256) -> tuple[Tensor, Tensor]:
+    """A model's log-probability of each target and its log-normaliser at each of N positions, a chunk at a time."""
     logprobs, lse = torch.empty(len(targets), device=hidden.device), torch.empty(len(targets), device=hidden.device)
     for start in range(0, len(targets), chunk_size):
         rows = slice(start, start + chunk_size)

@@ -119,13 +119,40 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole state dict on CPU: gathered from every rank when sharded (call it on every rank)."""
+def full_state_dict(model: nn.Module, every_rank: bool = False) -> dict[str, torch.Tensor]:
+    """The whole state dict, gathered from its shards when sharded (call it on every rank). By default on CPU,
+    and for a sharded model on rank 0 only; ``every_rank`` gives every rank the whole dict on its device."""
     if not is_sharded(model):
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return {k: v.detach() if every_rank else v.detach().cpu() for k, v in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not every_rank))
+
+
+def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The plain transformers weights, under ``from_pretrained``'s names, on every rank and its device: gathered
+    when sharded, with LoRA merged as W + scaling·B·A (the module itself is left untouched). Call it on every rank."""
+    state = full_state_dict(model, every_rank=True)
+    if not is_peft(model):
+        return state
+    adapter = model.active_adapter
+    merged = {}
+    for name, module in model.named_modules():
+        if not (hasattr(module, "base_layer") and hasattr(module, "lora_A") and adapter in module.lora_A):
+            continue
+        if module.disable_adapters:  # inside disable_adapter(): the base weights (a frozen LoRA self-teacher)
+            continue
+        if getattr(module, "fan_in_fan_out", False) or module.use_dora.get(adapter, False):
+            raise ValueError(f"merging {name}: only plain LoRA on nn.Linear layers is supported (no DoRA, no fan_in_fan_out)")
+        a, b = state[f"{name}.lora_A.{adapter}.weight"], state[f"{name}.lora_B.{adapter}.weight"]
+        weight = state[f"{name}.base_layer.weight"]
+        merged[f"{name}.base_layer.weight"] = (weight.float() + module.scaling[adapter] * (b.float() @ a.float())).to(weight.dtype)
+    out = {}
+    for key, value in state.items():
+        if ".lora_" in key:
+            continue
+        out[key.removeprefix("base_model.model.").replace(".base_layer.", ".")] = merged.get(key, value)
+    return out
 
 
 def resolve_path(path: str, what: str = "model") -> Path:

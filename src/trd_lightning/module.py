@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from rapidfuzz.distance import Levenshtein
 
 from trd_lightning.data.prompts import PromptBatch
-from trd_lightning.diagnostics import DEFAULT_PIVOTS, PositionProfile, pivot_mass, pivot_token_ids, teacher_token_stats, trajectory_stats
+from trd_lightning.diagnostics import DEFAULT_PIVOTS, PositionProfile, pivot_mass, pivot_token_ids, token_stats, trajectory_stats
 from trd_lightning.evaluation import EvaluationMixin, check_answers, plot_position_profiles
 from trd_lightning.losses import Divergence, DivergenceOutput
 from trd_lightning.models import (
@@ -44,6 +44,7 @@ from trd_lightning.reliability import GracefulInterrupt, NonFiniteGuard
 from trd_lightning.refiners import Identity, Refiner, TeacherAccess, Targets
 from trd_lightning.rollout import HFEngine, RolloutCallback, RolloutEngine, Rollouts, Sampling
 from trd_lightning.rollout.callback import STUDENT
+from trd_lightning.rollout.guard import LogprobGuard
 from trd_lightning.teachers import Teacher
 from trd_lightning.verifiers import ExactMatch, Verifier
 from trd_lightning.metrics import SampledAccuracy
@@ -68,7 +69,10 @@ class DistillationModule(EvaluationMixin, LightningModule):
         refiner: ``Identity`` (train on y_o) or ``TeacherRewrite`` (TRD: train on y_r).
         divergence: the per-token loss; null takes the refiner's default (reverse KL for
             Identity, forward KL for TeacherRewrite, both over the full vocabulary).
-        engine: generates rollouts (``HFEngine`` by default).
+        engine: generates rollouts (``HFEngine`` by default; ``VLLMEngine`` on GPUs).
+        logprob_guard: checks that the engine samples from the current weights, by rescoring its sampled
+            tokens (``LogprobGuard``); on by default for engines that hold their own weights and return
+            log-probabilities.
         sampling: how the student samples y_o (``n`` rollouts per prompt).
         eval_sampling: how validation and test sample (``n`` per problem, for Avg@n / Pass@k).
         verifier: checks answers, for metrics only (never in the loss).
@@ -91,6 +95,7 @@ class DistillationModule(EvaluationMixin, LightningModule):
         refiner: Refiner | None = None,
         divergence: Divergence | None = None,
         engine: RolloutEngine | None = None,
+        logprob_guard: LogprobGuard | None = None,
         sampling: Sampling | None = None,
         eval_sampling: Sampling | None = None,
         verifier: Verifier | None = None,
@@ -123,6 +128,7 @@ class DistillationModule(EvaluationMixin, LightningModule):
         self.refiner = refiner or Identity()
         self.divergence = divergence or self.refiner.default_divergence()
         self.engine = engine or HFEngine()
+        self.logprob_guard = logprob_guard or (LogprobGuard() if self.engine.holds_weights else None)
         self.sampling = sampling or Sampling()
         self.eval_sampling = eval_sampling or Sampling(greedy=True)
         self.verifier = verifier or ExactMatch()
@@ -249,10 +255,28 @@ class DistillationModule(EvaluationMixin, LightningModule):
             yield model
 
     def teacher_generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> Rollouts:
+        """The teacher's completions (y_r). A live self-teacher is the student, so the student's engine serves it;
+        an engine with its own weights loads a fixed teacher (separate, or frozen at step 0) once."""
+        role = STUDENT if self.teacher.is_live else TEACHER
         with self.teacher_scope() as teacher:
-            if self.engine.holds_weights and (not self.teacher.is_self or not getattr(self.teacher, "frozen", True)):
-                self.engine.sync_weights(TEACHER, teacher)
-            return self.engine.generate(TEACHER, teacher, prompts, sampling)
+            if not self.engine.has_weights(role):
+                self.engine.sync_weights(role, teacher)
+            return self.engine.generate(role, teacher, prompts, sampling)
+
+    def rollout_logprobs(self, batch: PromptBatch, rollouts: Rollouts) -> torch.Tensor:
+        """The student's log-probabilities (temperature 1) of each sampled token, concatenated in rollout order."""
+        contexts = [batch.prompt_ids[i] for i in rollouts.prompt_index]
+        inputs = pack(contexts, rollouts.token_ids, self.tokenizer.pad_token_id).to(self.device)
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            with torch.no_grad():
+                hidden = last_hidden_at(self.student, inputs.input_ids, inputs.attention_mask, *inputs.predicting_positions())
+                weight, bias = output_head(self.student)
+                logprobs, _ = token_stats(hidden, weight, bias, inputs.input_ids[inputs.target_mask], self.divergence.chunk_size)
+        finally:
+            self.student.train(was_training)
+        return logprobs
 
     @property
     def teacher_access(self) -> TeacherAccess:
@@ -342,7 +366,7 @@ class DistillationModule(EvaluationMixin, LightningModule):
             inputs = pack(contexts, rollouts.token_ids, self.tokenizer.pad_token_id)
             raw = self.teacher_forward(inputs)
             ids = inputs.input_ids[inputs.target_mask].to(self.device)
-            logprobs, lse = teacher_token_stats(raw.hidden, raw.weight, raw.bias, ids, self.divergence.chunk_size)
+            logprobs, lse = token_stats(raw.hidden, raw.weight, raw.bias, ids, self.divergence.chunk_size)
             lengths = torch.tensor([len(t) for t in rollouts.token_ids])
             stats = trajectory_stats(lengths, logprobs, self.disagreement_threshold,
                                      pivots=pivot_mass(raw.hidden, raw.weight, raw.bias, lse, self.pivot_ids))

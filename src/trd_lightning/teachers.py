@@ -34,6 +34,11 @@ class Teacher:
     def is_self(self) -> bool:
         return False
 
+    @property
+    def is_live(self) -> bool:
+        """Whether the teacher is the student's current weights (so it changes every step)."""
+        return False
+
 
 @contextmanager
 def _eval(module: nn.Module) -> Iterator[nn.Module]:
@@ -81,6 +86,10 @@ class SelfTeacher(Teacher):
     @property
     def is_self(self) -> bool:
         return True
+
+    @property
+    def is_live(self) -> bool:
+        return not self.frozen
 
     def build(self, student: nn.Module) -> nn.Module | None:
         if not self.frozen or is_peft(student):

@@ -2,6 +2,8 @@
 
 from trd_lightning.rollout.base import RolloutEngine, Rollouts, Sampling
 from trd_lightning.rollout.callback import RolloutCallback
+from trd_lightning.rollout.guard import LogprobGuard, StaleWeightsError
 from trd_lightning.rollout.hf import HFEngine
+from trd_lightning.rollout.vllm import VLLMEngine
 
-__all__ = ["HFEngine", "RolloutCallback", "RolloutEngine", "Rollouts", "Sampling"]
+__all__ = ["HFEngine", "LogprobGuard", "RolloutCallback", "RolloutEngine", "Rollouts", "Sampling", "StaleWeightsError", "VLLMEngine"]

@@ -86,6 +86,10 @@ class RolloutEngine(ABC):
         """Whether the engine generates from its own copy of the weights, which must be synced."""
         return False
 
+    def has_weights(self, role: str) -> bool:
+        """Whether ``role`` can generate now without a sync."""
+        return not self.holds_weights
+
     @abstractmethod
     def generate(self, role: str, model: nn.Module, prompts: Sequence[Sequence[int]], sampling: Sampling) -> Rollouts:
         """``sampling.n`` completions of each prompt, grouped by prompt."""

@@ -43,6 +43,10 @@ class RolloutCallback(Callback):
         batch.rollouts = engine.generate(STUDENT, pl_module.student, batch.prompt_ids, pl_module.sampling)
         pl_module.timings["sync"] = synced - start
         pl_module.timings["rollout"] = time.perf_counter() - synced
+        guard = pl_module.logprob_guard
+        if guard is not None and batch.rollouts.logprobs is not None and guard.due(step):
+            trainer_logprobs = pl_module.rollout_logprobs(batch, batch.rollouts)
+            pl_module.log_dict(guard.check(batch.rollouts.logprobs, trainer_logprobs, step), batch_size=len(batch.rollouts))
 
     def on_validation_start(self, trainer, pl_module):
         self.stashed_rng = rng_state()

