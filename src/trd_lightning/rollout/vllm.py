@@ -27,7 +27,7 @@ class VLLMEngine(RolloutEngine):
     on CPU, ``cpu_kvcache_gb`` sizes the KV cache instead. ``sleep`` (GPU only) moves an engine's weights to
     host memory and drops its KV cache after each generate call, so the trainer has the GPU to itself for
     the training step; the engine wakes up when it next generates or syncs. ``dtype`` is the
-    engine's compute dtype ("auto": the model's). Every request gets a seed drawn from torch's RNG, so the
+    engine's compute dtype ("auto": the trained model's, e.g. bf16 under bf16-true). Every request gets a seed drawn from torch's RNG, so the
     trainer's checkpointed RNG state makes rollouts reproducible.
     """
 
@@ -88,7 +88,9 @@ class VLLMEngine(RolloutEngine):
         options = {"gpu_memory_utilization": self.gpu_memory_utilization} if torch.cuda.is_available() else {}
         if self.sleep and torch.cuda.is_available():
             options["enable_sleep_mode"] = True
-        return LLM(model=str(Path(folder.name)), load_format="dummy", dtype=self.dtype, enforce_eager=self.enforce_eager,
+        # "auto" means the trainer's dtype: vLLM's own "auto" downcasts fp32 to bf16, which the guard then sees.
+        dtype = self.dtype if self.dtype != "auto" else str(next(model.parameters()).dtype).removeprefix("torch.")
+        return LLM(model=str(Path(folder.name)), load_format="dummy", dtype=dtype, enforce_eager=self.enforce_eager,
                    max_model_len=self.max_model_len, seed=0, skip_tokenizer_init=True, **options)
 
     # -- generation ----------------------------------------------------------------------------------
