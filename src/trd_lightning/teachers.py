@@ -8,6 +8,7 @@ duration, so the base weights serve as the step-0 teacher without a second copy.
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -16,19 +17,20 @@ from torch import nn
 from trd_lightning.models import ModelSpec, is_peft, load_model
 
 
-class Teacher:
+class Teacher(ABC):
     """Base class. ``build`` returns the module that holds the teacher's own weights, if any,
     which the trainer registers (so devices, sharding and checkpoints see it)."""
 
     #: Whether the teacher's weights must go into checkpoints (they cannot be reloaded from a path).
     persistent: bool = False
 
+    @abstractmethod
     def build(self, student: nn.Module) -> nn.Module | None:
-        raise NotImplementedError
+        """The teacher's own module, or None when it runs on the student's."""
 
-    @contextmanager
+    @abstractmethod
     def scope(self, student: nn.Module, own: nn.Module | None) -> Iterator[nn.Module]:
-        raise NotImplementedError
+        """A context manager yielding the module to run as the teacher, in eval mode."""
 
     @property
     def is_self(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from abc import ABC, abstractmethod
 import re
 
 
@@ -10,15 +11,17 @@ class AnswerParseError(ValueError):
     pass
 
 
-class Verifier:
+class Verifier(ABC):
     """Base class: ``extract`` pulls the final answer out of a response (None when it has none),
     ``equal`` compares it with the reference answer."""
 
+    @abstractmethod
     def extract(self, response: str) -> str | None:
-        raise NotImplementedError
+        """The final answer stated in ``response``, or None."""
 
+    @abstractmethod
     def equal(self, predicted: str, answer: str) -> bool:
-        raise NotImplementedError
+        """Whether the extracted answer matches the reference."""
 
     def check_answer(self, answer: str) -> None:
         """Raise ``AnswerParseError`` when a dataset's reference answer cannot be compared at all."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -36,7 +37,7 @@ class TeacherAccess:
     generate: Callable[[Sequence[Sequence[int]], Sampling], Rollouts]
 
 
-class Refiner:
+class Refiner(ABC):
     """Base class. Subclasses set how targets are made (``refine``) and which divergence fits them."""
 
     #: Whether the teacher writes new targets (so there is a y_r to compare with y_o).
@@ -58,13 +59,14 @@ class Refiner:
     def scoring_contexts(self, batch: PromptBatch, prompt_index: Sequence[int], teacher: TeacherAccess) -> list[list[int]]:
         return self.contexts(self.scoring_template, batch, prompt_index, teacher)
 
+    @abstractmethod
     def refine(self, batch: PromptBatch, rollouts: Rollouts, teacher: TeacherAccess) -> Targets:
-        raise NotImplementedError
+        """The training targets of these rollouts and the contexts the teacher scores them in."""
 
+    @abstractmethod
     def teacher_solutions(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets, teacher: TeacherAccess, sampling: Sampling) -> Rollouts:
         """What the teacher itself produces for these problems, for evaluation: its own solution in
         its scoring context, or its rewrites of the rollouts."""
-        raise NotImplementedError
 
     @staticmethod
     def contexts(template: Template | None, batch: PromptBatch, prompt_index: Sequence[int], teacher: TeacherAccess) -> list[list[int]]:
