@@ -103,10 +103,10 @@ def test_trd_contexts_hold_what_the_method_says(reference, tokenizer, chain_data
     torch.manual_seed(0)
     rollouts = module.engine.generate("student", module.student, batch.prompt_ids, module.sampling)
     targets = refiner.refine(batch, rollouts, module.teacher_access)
-    views = module.make_views(batch, rollouts, targets)
     assert any(targets.refined)
     for r, i in enumerate(rollouts.prompt_index):
-        student_text = tokenizer.decode(views.student.input_ids[r][~views.student.target_mask[r] & views.student.attention_mask[r].bool()])
+        student = module.make_views(batch, rollouts, targets, [r]).student  # one row: no padding, whether packed or not
+        student_text = tokenizer.decode(student.input_ids[~student.target_mask])
         teacher_text = tokenizer.decode(targets.teacher_contexts[r])
         assert student_text == f"<|im_start|>user\n{batch.problem[i]}<|im_end|>\n<|im_start|>assistant\n"  # only the problem
         if targets.refined[r]:

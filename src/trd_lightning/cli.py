@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from trd_lightning.data.prompts import DataError
+from trd_lightning.module import SettingsError
 from trd_lightning.reliability import CheckpointError, SafeCheckpointIO, check_checkpoint, find_last_checkpoint
 
 PLUGINS = (
@@ -135,7 +136,7 @@ def main(args: list[str] | None = None) -> None:
         TRDCLI(args=args)
     except SIGTERMException:
         sys.exit("trd: stopped by SIGTERM after a checkpoint (last.ckpt); resume with --ckpt_path last")
-    except (DataError, CheckpointError) as error:  # bad data or checkpoint: the message is the whole story
+    except (DataError, CheckpointError, SettingsError) as error:  # bad data, checkpoint or setting: the message is the whole story
         sys.exit(f"trd: error: {error}")
 
 

@@ -99,15 +99,20 @@ class Divergence:
             raise ValueError(f"divergence top_k={self.top_k} is larger than the vocabulary ({vocab_size} tokens)")
 
     # -- the reduction ---------------------------------------------------------------------
-    def weights(self, target_lengths: Tensor, device=None) -> Tensor:
-        """Each target token's weight in the loss: 1/N (token-mean) or 1/(S * len) (sequence-mean)."""
+    def weights(self, target_lengths: Tensor, device=None, tokens: int | None = None, sequences: int | None = None) -> Tensor:
+        """Each target token's weight in the loss: 1/N (token-mean) or 1/(S * len) (sequence-mean).
+
+        N and S default to this batch's target tokens and non-empty sequences; a step split into micro-batches
+        (and over ranks) passes the whole step's counts, so every token of the step weighs the same.
+        """
         lengths = target_lengths.to(device)
-        total = int(lengths.sum())
-        if total == 0:
+        tokens = int(lengths.sum()) if tokens is None else tokens
+        if tokens == 0:
             raise ValueError("the batch has no target tokens to train on")
         if self.reduction == "token":
-            return torch.full((total,), 1.0 / total, device=device)
-        per_sequence = 1.0 / (lengths.clamp(min=1) * (lengths > 0).sum())
+            return torch.full((int(lengths.sum()),), 1.0 / tokens, device=device)
+        sequences = int((lengths > 0).sum()) if sequences is None else sequences
+        per_sequence = 1.0 / (lengths.clamp(min=1) * sequences)
         return per_sequence.repeat_interleave(lengths)
 
     # -- the math, on one chunk of logits ---------------------------------------------------
@@ -179,9 +184,11 @@ class Divergence:
         target_lengths: Tensor,
         student_bias: Tensor | None = None,
         teacher_bias: Tensor | None = None,
+        weights: Tensor | None = None,
     ) -> DivergenceOutput:
         """``student_hidden`` [N, H] and ``teacher_hidden`` [N, H_t] are the last hidden states at
-        the N positions that predict ``targets`` [N]; the heads are the [V, H] output weights."""
+        the N positions that predict ``targets`` [N]; the heads are the [V, H] output weights. ``weights`` [N]
+        (default: ``self.weights(target_lengths)``) is each token's weight in the loss."""
         if student_hidden.shape[0] != teacher_hidden.shape[0] or student_hidden.shape[0] != targets.shape[0]:
             raise ValueError(
                 f"student ({student_hidden.shape[0]}), teacher ({teacher_hidden.shape[0]}) and targets "
@@ -189,7 +196,7 @@ class Divergence:
             )
         if student_head.shape[0] != teacher_head.shape[0]:
             raise ValueError(f"student and teacher vocabularies differ: {student_head.shape[0]} vs {teacher_head.shape[0]}")
-        weights = self.weights(target_lengths, device=student_hidden.device)
+        weights = self.weights(target_lengths, device=student_hidden.device) if weights is None else weights.to(student_hidden.device)
         loss, per_token, clipped, observed = _FusedHeadDivergence.apply(
             student_hidden, student_head, student_bias, teacher_hidden.detach(), teacher_head.detach(),
             None if teacher_bias is None else teacher_bias.detach(), targets, weights, self,

@@ -294,20 +294,45 @@ def check_plain_head(model: nn.Module, role: str) -> None:
             raise ValueError(f"the {role} applies {name}={value} to its logits, which the fused divergence does not support")
 
 
-def last_hidden_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """The final hidden states (after the last norm) at positions (rows, cols): [N, H].
+def last_hidden_at(model: nn.Module, inputs) -> torch.Tensor:
+    """The final hidden states (after the last norm) at the positions that predict ``inputs``' target tokens: [N, H].
 
-    It runs the model's own forward, so wrappers (peft, FSDP2) do their part, with logits for one
-    position only; the decoder's output is caught on the way. Under FSDP2 the root's parameters (the
-    LM head among them) stay gathered after this forward, ready for the fused divergence.
+    ``inputs`` is a ``views.ModelInputs`` (padded rows, or packed with ``position_ids``). It runs the model's own
+    forward, so wrappers (peft, FSDP2) do their part, with logits for one position only; the decoder's output is
+    caught on the way. ``use_cache=False`` matters for packing: with a cache, transformers ignores packed
+    ``position_ids`` and lets sequences attend to each other. Under FSDP2 the root's parameters (the LM head
+    among them) stay gathered after this forward, ready for the fused divergence.
     """
     captured = []
     hook = base_model(model).get_decoder().register_forward_hook(lambda module, args, output: captured.append(output.last_hidden_state))
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+        model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
+              use_cache=False, logits_to_keep=1)
     finally:
         hook.remove()
-    return captured[-1][rows, cols]
+    return captured[-1][inputs.predicting_positions()]
+
+
+@torch.no_grad()
+def packs_correctly(model: nn.Module, device, vocab: int) -> bool:
+    """Whether ``model`` keeps packed sequences apart: two short sequences, packed into one row, give the hidden
+    states each gives alone (to its dtype's precision). An attention implementation that ignores packed
+    ``position_ids`` fails this, and the caller falls back to padding. Run it on every rank: it is a forward."""
+    from trd_lightning.views import pack
+
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(0, vocab, (n,), generator=generator).tolist() for n in (7, 5))
+    contexts, targets = [first[:1], second[:1]], [first[1:], second[1:]]
+    was_training = model.training
+    model.eval()
+    try:
+        packed = last_hidden_at(model, pack(contexts, targets, 0, packed=True).to(device))
+        alone = torch.cat([last_hidden_at(model, pack([c], [t], 0).to(device)) for c, t in zip(contexts, targets)])
+    finally:
+        model.train(was_training)
+    tolerance = 1e-3 if packed.dtype == torch.float32 else 5e-2  # a leak across sequences is off by O(1)
+    gap = (packed.float() - alone.float()).abs().max()
+    return bool(gap <= tolerance * alone.float().abs().max().clamp(min=1.0))
 
 
 def stop_token_ids(tokenizer, model: nn.Module | None = None) -> set[int]:

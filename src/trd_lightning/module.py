@@ -1,11 +1,13 @@
-"""DistillationModule: one training step is one straight line.
+"""DistillationModule: one training step is one optimizer step, one straight line.
 
-    prompts -> rollouts y_o (RolloutCallback, current student weights)
-            -> Refiner: targets (y_o or y_r) and the teacher's contexts
-            -> views: the same target ids after each model's context
-            -> teacher forward (inference mode), student forward (grad)
-            -> Divergence -> loss
-            -> metrics
+    the step's prompts -> rollouts y_o (RolloutCallback: current student weights, one engine call)
+                       -> Refiner: targets (y_o, or y_r from one teacher call) and the teacher's contexts
+                       -> micro-batches under a token budget, the same count on every rank
+                          for each: views (the same target ids after each model's context, packed),
+                          teacher forward (no autograd), student forward, Divergence, backward
+                       -> loss = token mean over every target token of the global batch
+                       -> clip, optimizer step, LR schedule step
+                       -> one record of what the step measured -> metrics, logged once
 """
 
 from __future__ import annotations
@@ -23,34 +25,57 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from rapidfuzz.distance import Levenshtein
 
 from trd_lightning.data.prompts import PromptBatch
-from trd_lightning.diagnostics import DEFAULT_PIVOTS, PositionProfile, pivot_mass, pivot_token_ids, token_stats, trajectory_stats
+from trd_lightning.diagnostics import DEFAULT_PIVOTS, PositionProfile, pivot_mass, pivot_token_ids, token_stats
 from trd_lightning.evaluation import EvaluationMixin, check_answers, plot_position_profiles
 from trd_lightning.losses import Divergence, DivergenceOutput
 from trd_lightning.models import (
     ModelSpec,
     Sharding,
-    is_sharded,
+    base_model,
     check_plain_head,
     export_hf,
+    is_sharded,
     last_hidden_at,
     load_model,
     load_tokenizer,
     output_head,
+    packs_correctly,
     stop_token_ids,
     vocab_size,
 )
+from trd_lightning.micro_batches import plan_micro_batches
 from trd_lightning.optim import WarmupCosine
 from trd_lightning.reliability import GracefulInterrupt, NonFiniteGuard
 from trd_lightning.refiners import Identity, Refiner, TeacherAccess, Targets
 from trd_lightning.rollout import HFEngine, RolloutCallback, RolloutEngine, Rollouts, Sampling
 from trd_lightning.rollout.callback import STUDENT
 from trd_lightning.rollout.guard import LogprobGuard
-from trd_lightning.teachers import Teacher
+from trd_lightning.step_metrics import StepRecord, gather, step_metrics
+from trd_lightning.teachers import Teacher, evaluating
 from trd_lightning.verifiers import ExactMatch, Verifier
 from trd_lightning.metrics import SampledAccuracy
 from trd_lightning.views import ChatPrompts, ModelInputs, Views, build_views, pack
 
 TEACHER = "teacher"
+
+
+class SettingsError(ValueError):
+    """A setting that cannot work with this trainer; the message says what to set instead."""
+
+
+def check_trainer(trainer) -> None:
+    """Refuse Trainer settings the module's own optimizer step replaces, naming what to set instead."""
+    if trainer.accumulate_grad_batches != 1:
+        raise SettingsError(
+            f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} is not used: one batch is one optimizer step. "
+            "Set data.init_args.batch_size to the prompts per process per step (the old batch_size x accumulate_grad_batches), "
+            "and model.init_args.max_tokens_per_micro_batch to bound what one forward pass holds"
+        )
+    if trainer.gradient_clip_val:
+        raise SettingsError(
+            f"trainer.gradient_clip_val={trainer.gradient_clip_val} does not apply: the module runs its own optimizer step. "
+            f"Set model.init_args.gradient_clip_val: {trainer.gradient_clip_val} instead (and gradient_clip_algorithm there)"
+        )
 
 
 @dataclass
@@ -75,9 +100,18 @@ class DistillationModule(EvaluationMixin, LightningModule):
             log-probabilities.
         sampling: how the student samples y_o (``n`` rollouts per prompt).
         eval_sampling: how validation and test sample (``n`` per problem, for Avg@n / Pass@k).
-        verifier: checks answers, for metrics only (never in the loss).
+        verifier: checks answers, for metrics and for refiners that choose targets by them (``require_answer``,
+            ``only_failed``); it never enters the loss itself.
         optimizer: an optimizer class and its arguments (``class_path`` / ``init_args``).
-        lr_schedule: warmup + cosine; null keeps the learning rate constant.
+        lr_schedule: warmup + cosine, stepped once per optimizer step; null keeps the learning rate constant.
+        max_tokens_per_micro_batch: the token budget of one forward pass, per rank: sequences (context + target,
+            counted in the model with the longer context) are grouped up to it, longest first; a longer sequence
+            goes alone. Null puts the whole step in one micro-batch.
+        packing: put each micro-batch's sequences into one row without padding (position ids restart per
+            sequence). A model whose attention cannot keep packed sequences apart falls back to right padding.
+        gradient_clip_val: clip the step's gradient norm (or values) to this; null does not clip. (The Trainer's
+            ``gradient_clip_val`` does not apply: the module runs the optimizer step itself.)
+        gradient_clip_algorithm: ``norm`` or ``value``.
         max_context_tokens: the limit on a teacher context (refine or privileged prompt); longer
             ones lose tail tokens of the attempt or reference, never of the problem.
         sync_every: for engines with their own weights, sync them every this many optimizer steps.
@@ -112,6 +146,10 @@ class DistillationModule(EvaluationMixin, LightningModule):
         diagnostics_every: int = 10,
         max_consecutive_skips: int = 5,
         sharding: Sharding | None = None,
+        max_tokens_per_micro_batch: int | None = None,
+        packing: bool = True,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
     ):
         super().__init__()
         if teacher is None:
@@ -121,6 +159,12 @@ class DistillationModule(EvaluationMixin, LightningModule):
             )
         if max_context_tokens <= 0:
             raise ValueError(f"max_context_tokens must be > 0 (got {max_context_tokens})")
+        if max_tokens_per_micro_batch is not None and max_tokens_per_micro_batch <= 0:
+            raise ValueError(f"max_tokens_per_micro_batch must be > 0, or null for one micro-batch per step (got {max_tokens_per_micro_batch})")
+        if gradient_clip_val is not None and not gradient_clip_val > 0:
+            raise ValueError(f"gradient_clip_val must be > 0, or null not to clip (got {gradient_clip_val})")
+        if gradient_clip_algorithm not in ("norm", "value"):
+            raise ValueError(f"gradient_clip_algorithm must be norm or value (got {gradient_clip_algorithm!r})")
         if not 0 < disagreement_threshold < 1:
             raise ValueError(f"disagreement_threshold must be in (0, 1) (got {disagreement_threshold})")
         self.student_spec = student
@@ -145,7 +189,13 @@ class DistillationModule(EvaluationMixin, LightningModule):
         self.diagnostics_every = diagnostics_every
         self.max_consecutive_skips = max_consecutive_skips
         self.sharding = sharding or Sharding()
-        NonFiniteGuard(max_consecutive_skips)  # refuses a bad value now
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
+        self.packing = packing
+        self.packing_checked: dict[str, bool] = {}
+        self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_algorithm = gradient_clip_algorithm
+        self.nonfinite = NonFiniteGuard(max_consecutive_skips)
+        self.automatic_optimization = False  # a step holds several micro-batches: the module runs the optimizer
         self.tokenizer = load_tokenizer(student)
         self.prompts = ChatPrompts(self.tokenizer)
         self.check_sampling(student.config_vocab_size())  # before any weights load; again once they have
@@ -232,7 +282,8 @@ class DistillationModule(EvaluationMixin, LightningModule):
         self.setup_metrics()
 
     def configure_callbacks(self):
-        return [RolloutCallback(self.sync_every), NonFiniteGuard(self.max_consecutive_skips), GracefulInterrupt()]
+        check_trainer(self.trainer)  # Lightning calls this before it checks the trainer itself, with a vaguer message
+        return [RolloutCallback(self.sync_every), self.nonfinite, GracefulInterrupt()]
 
     def configure_optimizers(self):
         params = [p for p in self.student.parameters() if p.requires_grad]
@@ -266,26 +317,66 @@ class DistillationModule(EvaluationMixin, LightningModule):
     def rollout_logprobs(self, batch: PromptBatch, rollouts: Rollouts) -> torch.Tensor:
         """The student's log-probabilities (temperature 1) of each sampled token, concatenated in rollout order."""
         contexts = [batch.prompt_ids[i] for i in rollouts.prompt_index]
-        inputs = pack(contexts, rollouts.token_ids, self.tokenizer.pad_token_id).to(self.device)
-        was_training = self.student.training
-        self.student.eval()
-        try:
-            with torch.no_grad():
-                hidden = last_hidden_at(self.student, inputs.input_ids, inputs.attention_mask, *inputs.predicting_positions())
-                weight, bias = output_head(self.student)
-                logprobs, _ = token_stats(hidden, weight, bias, inputs.input_ids[inputs.target_mask], self.divergence.chunk_size)
-        finally:
-            self.student.train(was_training)
-        return logprobs
+        weight, bias = output_head(self.student)
+        found = [None] * len(rollouts)
+        with torch.no_grad(), evaluating(self.student):
+            for rows, inputs in self.micro_batches(contexts, rollouts.token_ids, self.packs("student")):
+                hidden = last_hidden_at(self.student, inputs.to(self.device))
+                ids = inputs.input_ids[inputs.target_mask].to(self.device)
+                logprobs, _ = token_stats(hidden, weight, bias, ids, self.divergence.chunk_size)
+                for row, values in zip(rows, logprobs.split([len(rollouts.token_ids[r]) for r in rows])):
+                    found[row] = values
+        return torch.cat(found) if found else torch.empty(0)
 
     @property
     def teacher_access(self) -> TeacherAccess:
         return TeacherAccess(self.prompts, self.max_context_tokens, self.verifier, self.stop_ids, self.teacher_generate)
 
+    # -- micro-batches ------------------------------------------------------------------------------
+    def agree_max(self, value: int) -> int:
+        """The maximum of ``value`` over ranks (a collective; ``value`` itself in one process)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
+            return value
+        tensor = torch.tensor(value, device=self.device)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        return int(tensor)
+
+    def sum_over_ranks(self, *values: float) -> list[float]:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
+
+    def packs(self, role: str) -> bool:
+        """Whether ``role``'s micro-batches are packed into one row: ``packing`` on and the model proven to keep
+        packed sequences apart (checked once, on first use; otherwise right padding, said once)."""
+        if role not in self.packing_checked:
+            works = False
+            if self.packing:
+                with self.teacher_scope() if role == TEACHER else evaluating(self.student) as model:
+                    works = packs_correctly(model, self.device, vocab_size(model))
+                if not works:
+                    rank_zero_warn(f"the {role} model lets packed sequences attend to each other (attention implementation "
+                                   f"{base_model(model).config._attn_implementation!r}); its micro-batches are right-padded instead")
+            self.packing_checked[role] = works
+        return self.packing_checked[role]
+
+    def micro_batches(self, contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], packed: bool):
+        """(rows, inputs) for each micro-batch of these sequences under the token budget, the same count on every
+        rank; an empty micro-batch (this rank has fewer sequences) comes as ``([], inputs)`` of a filler row to
+        run and discard."""
+        costs = [len(c) + len(t) for c, t in zip(contexts, targets)]
+        for rows in plan_micro_batches(costs, self.max_tokens_per_micro_batch, self.agree_max):
+            pick = rows or [min(range(len(costs)), key=costs.__getitem__)]
+            yield rows, pack([contexts[r] for r in pick], [targets[r] for r in pick], self.tokenizer.pad_token_id, packed)
+
     # -- the step ------------------------------------------------------------------------------------
-    def make_views(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets) -> Views:
-        student_contexts = [batch.prompt_ids[i] for i in rollouts.prompt_index]
-        return build_views(student_contexts, targets.teacher_contexts, targets.token_ids, self.tokenizer.pad_token_id)
+    def make_views(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets, rows: Sequence[int] | None = None) -> Views:
+        """Both models' inputs for these rows (all by default) of the step, packed where the model allows."""
+        rows = range(len(rollouts)) if rows is None else rows
+        return build_views([batch.prompt_ids[rollouts.prompt_index[r]] for r in rows], [targets.teacher_contexts[r] for r in rows],
+                           [targets.token_ids[r] for r in rows], self.tokenizer.pad_token_id, (self.packs(STUDENT), self.packs(TEACHER)))
 
     def teacher_forward(self, inputs: ModelInputs) -> TeacherPass:
         """The teacher's last hidden states at the target positions, without autograd."""
@@ -293,117 +384,179 @@ class DistillationModule(EvaluationMixin, LightningModule):
         # inference_mode where it is safe; FSDP2 reuses its gathered buffers across modes, so no_grad there.
         no_autograd = torch.no_grad() if is_sharded(self.student) else torch.inference_mode()
         with no_autograd, self.teacher_scope() as teacher:
-            hidden = last_hidden_at(teacher, inputs.input_ids, inputs.attention_mask, *inputs.predicting_positions())
+            hidden = last_hidden_at(teacher, inputs)
             weight, bias = output_head(teacher)
         # Inference tensors cannot be saved for backward: clone into a normal tensor before it meets the graph.
         return TeacherPass(hidden.clone(), weight, bias)
 
-    def distill(self, views: Views) -> tuple[DivergenceOutput, TeacherPass]:
-        """Teacher forward without autograd, student forward with it, and the fused divergence."""
+    def distill(self, views: Views, weights: torch.Tensor | None = None) -> tuple[DivergenceOutput, TeacherPass]:
+        """Teacher forward without autograd, student forward with it, and the fused divergence (``weights``: each
+        target token's weight in the loss; by default this batch's own token mean)."""
         start = time.perf_counter()
         teacher = self.teacher_forward(views.teacher)
-        self.timings["teacher"] = time.perf_counter() - start
+        self.timings["teacher"] = self.timings.get("teacher", 0.0) + time.perf_counter() - start
         start = time.perf_counter()
-        student_in = views.student.to(self.device)
-        student_hidden = last_hidden_at(self.student, student_in.input_ids, student_in.attention_mask, *student_in.predicting_positions())
+        student_hidden = last_hidden_at(self.student, views.student.to(self.device))
         student_weight, student_bias = output_head(self.student)
         out = self.divergence(
             student_hidden, student_weight, teacher.hidden, teacher.weight,
-            views.target_ids.to(self.device), views.target_lengths, student_bias, teacher.bias,
+            views.target_ids.to(self.device), views.target_lengths, student_bias, teacher.bias, weights,
         )
         if self.teacher_model is not None and is_sharded(self.teacher_model):
             self.teacher_model.reshard()  # its gathered head is no longer needed: free it until the next forward
-        self.timings["student_forward"] = time.perf_counter() - start
+        self.timings["student_forward"] = self.timings.get("student_forward", 0.0) + time.perf_counter() - start
         return out, teacher
 
     def training_step(self, batch: PromptBatch, batch_idx: int):
+        """One optimizer step: the whole step's rollouts (sampled by the RolloutCallback in one engine call) are
+        refined in one call, then learnt in micro-batches under the token budget; the loss is the token mean over
+        every target token of the global batch."""
+        start = time.perf_counter()
+        step, record = self.global_step, StepRecord()
         rollouts = batch.rollouts
         if rollouts is None:
             raise RuntimeError("the batch has no rollouts: DistillationModule relies on its RolloutCallback (configure_callbacks)")
-        start = time.perf_counter()
+        self.check_rollout_logprobs(batch, rollouts, record)
+        refine_start = time.perf_counter()
         targets = self.refiner.refine(batch, rollouts, self.teacher_access)
-        self.timings["refine"] = time.perf_counter() - start
-        views = self.make_views(batch, rollouts, targets)
-        self.log_step(batch, rollouts, targets, views)
-        # Never train, nor log a loss, on nothing; and skip together, or the ranks' collectives fall out of step.
-        if self.trainer.strategy.reduce_boolean_decision(views.num_target_tokens == 0, all=False):
-            self.skipped_empty += 1
-            self.log("train/skipped_empty_steps", float(self.skipped_empty))
-            rank_zero_warn(f"step {self.global_step}: every target is empty; skipped ({self.skipped_empty} so far)")
+        record.seconds["refine"] = time.perf_counter() - refine_start
+        self.record_targets(batch, rollouts, targets, record)
+        loss = self.learn(batch, rollouts, targets, record)
+        self.diagnose_rollouts(batch, rollouts, record)
+        self.update(loss, record)
+        # The callback's sync and rollout ran before this method; the step is all of it.
+        record.seconds.update({name: self.timings[name] for name in ("sync", "rollout", "teacher", "student_forward") if name in self.timings})
+        record.seconds["step"] = time.perf_counter() - start + self.timings.get("sync", 0.0) + self.timings.get("rollout", 0.0)
+        self.timings.clear()
+        self.log_record(record, step)
+        if self.log_samples_every and step % self.log_samples_every == 0:
+            self.log_samples(batch, rollouts, targets)
+
+    def learn(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets, record: StepRecord) -> float | None:
+        """Forward and backward passes over the step's micro-batches; the step's loss (the same on every rank), or
+        None when the whole step has no target token (skipped together, so collectives stay in step)."""
+        lengths = [len(t) for t in targets.token_ids]
+        tokens, sequences = self.sum_over_ranks(sum(lengths), sum(n > 0 for n in lengths))
+        if tokens == 0:
             return None
-        out, teacher = self.distill(views)
-        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=len(rollouts))
-        self.log_divergence(out, len(rollouts))
-        self.log_diagnostics(batch, rollouts, targets, views, out, teacher)
-        return out.loss
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        student_contexts = [batch.prompt_ids[i] for i in rollouts.prompt_index]
+        costs = [max(len(s), len(t)) + n for s, t, n in zip(student_contexts, targets.teacher_contexts, lengths)]
+        groups = plan_micro_batches(costs, self.max_tokens_per_micro_batch, self.agree_max)
+        scale = self.trainer.world_size  # DDP and FSDP2 average gradients over ranks; the weights already divide by the global count
+        loss, backward_seconds = 0.0, 0.0
+        for k, rows in enumerate(groups):
+            views = self.make_views(batch, rollouts, targets, rows or [min(range(len(costs)), key=costs.__getitem__)])
+            weights = self.divergence.weights(views.target_lengths, tokens=int(tokens), sequences=int(sequences))
+            if not rows:  # a filler pass: this rank has fewer micro-batches' worth of sequences than another
+                weights = torch.zeros_like(weights)
+            with self.gradient_sync(k == len(groups) - 1):
+                out, teacher = self.distill(views, weights)
+                backward_start = time.perf_counter()
+                self.manual_backward(out.loss * scale)
+                backward_seconds += time.perf_counter() - backward_start
+            loss += float(out.loss.detach())
+            processed = views.student.processed_tokens + views.teacher.processed_tokens
+            record.totals["processed_tokens"] += processed
+            if rows:
+                record.totals["real_tokens"] += int(views.student.target_mask.sum() + views.teacher.target_mask.sum()) + sum(
+                    len(student_contexts[r]) + len(targets.teacher_contexts[r]) for r in rows)
+                record.rows["micro_batch_target_length"].extend(views.target_lengths.tolist())
+                record.add_tokens(divergence=out.per_token, clipped=out.clipped, teacher_logprob=out.teacher_logprobs,
+                                  student_logprob=out.student_logprobs,
+                                  pivot_mass=pivot_mass(teacher.hidden, teacher.weight, teacher.bias, out.teacher_lse, self.pivot_ids))
+        record.seconds["backward"] = backward_seconds
+        (global_loss,) = self.sum_over_ranks(loss)
+        record.totals.update({"loss": loss, "target_tokens": sum(lengths), "micro_batches": len(groups), "ranks": 1})
+        return global_loss
 
-    def log_divergence(self, out: DivergenceOutput, batch_size: int) -> None:
-        """Quantiles of the per-token values over the batch's target tokens, and the clip fraction."""
-        values = out.per_token.float()
-        p50, p95, p99 = torch.quantile(values, torch.tensor([0.5, 0.95, 0.99], device=values.device)).tolist()
-        self.log_dict({"train/divergence_p50": p50, "train/divergence_p95": p95, "train/divergence_p99": p99,
-                       "train/divergence_max": values.max().item(), "train/clip_fraction": out.clipped.float().mean().item()},
-                      batch_size=batch_size)
+    @contextmanager
+    def gradient_sync(self, enabled: bool):
+        """DDP reduces gradients on the step's last backward only (``no_sync`` before it): one all-reduce per step.
+        FSDP2 reduce-scatters after every micro-batch, since skipping that would keep whole unsharded gradients
+        on every rank."""
+        block = getattr(self.trainer.strategy, "block_backward_sync", None)  # parallel strategies only
+        if enabled or block is None or is_sharded(self.student):
+            yield
+        else:
+            with block():
+                yield
 
-    def on_before_backward(self, loss):
-        self._backward_start = time.perf_counter()
+    def update(self, loss: float | None, record: StepRecord) -> None:
+        """The optimizer step (gradients dropped when the step is empty or non-finite, so no weight moves), with
+        the module's own clipping, and the learning-rate schedule's step."""
+        start = time.perf_counter()
+        optimizer = self.optimizers()
+        if loss is None:
+            optimizer.zero_grad(set_to_none=True)
+            self.skipped_empty += 1
+            rank_zero_warn(f"step {self.global_step}: every target is empty; skipped ({self.skipped_empty} so far)")
+            record.totals["skipped_empty_steps"] = float(self.skipped_empty)
+        else:
+            self.log("train/loss", loss, prog_bar=True, logger=False)
+            skipped = self.nonfinite.check(loss, self.student.parameters(),
+                                           lambda flag: self.trainer.strategy.reduce_boolean_decision(flag, all=False))
+            if not skipped and self.gradient_clip_val:
+                self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm=self.gradient_clip_algorithm)
+        optimizer.step()  # with no gradients, AdamW moves nothing; the step still counts, as the schedule does
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        record.seconds["optimizer"] = time.perf_counter() - start
 
-    def on_after_backward(self):
-        self.timings["backward"] = time.perf_counter() - getattr(self, "_backward_start", time.perf_counter())
-        for name, seconds in self.timings.items():
-            self.log(f"time/{name}", seconds)
+    def check_rollout_logprobs(self, batch: PromptBatch, rollouts: Rollouts, record: StepRecord) -> None:
+        """The stale-weights guard: the engine's log-probabilities of its sampled tokens against the trainer's."""
+        guard = self.logprob_guard
+        if guard is None or rollouts.logprobs is None or not guard.due(self.global_step):
+            return
+        trainer_logprobs = self.rollout_logprobs(batch, rollouts)
+        guard.check(rollouts.logprobs, trainer_logprobs, self.global_step)
+        engine = torch.tensor([value for row in rollouts.logprobs for value in row], dtype=torch.float64)
+        record.add_tokens(logprob_gap=(engine - trainer_logprobs.detach().double().cpu()).abs())
 
-    def log_diagnostics(self, batch, rollouts: Rollouts, targets: Targets, views: Views, out: DivergenceOutput, teacher: TeacherPass) -> None:
-        """Prefix-failure diagnostics along the training target, and, for a rewriting refiner, along y_o
-        (an extra teacher pass, every ``diagnostics_every`` steps)."""
-        pivots = pivot_mass(teacher.hidden, teacher.weight, teacher.bias, out.teacher_lse, self.pivot_ids)
-        stats = trajectory_stats(views.target_lengths, out.teacher_logprobs, self.disagreement_threshold,
-                                 out.student_logprobs, out.per_token, pivots)
-        self.log_dict({f"diag/{k}_{'y_r' if self.refiner.rewrites else 'y_o'}": v for k, v in stats.items()}, batch_size=len(rollouts))
-        # The extra pass runs on a schedule, the same on every rank (a sharded teacher's forward is a collective).
-        if self.refiner.rewrites and self.diagnostics_every and self.global_step % self.diagnostics_every == 0:
-            contexts = self.refiner.scoring_contexts(batch, rollouts.prompt_index, self.teacher_access)
-            inputs = pack(contexts, rollouts.token_ids, self.tokenizer.pad_token_id)
+    def diagnose_rollouts(self, batch: PromptBatch, rollouts: Rollouts, record: StepRecord) -> None:
+        """For a rewriting refiner, every ``diagnostics_every`` steps: the teacher along y_o, in its scoring
+        context (an extra teacher pass, in micro-batches, on the same schedule on every rank)."""
+        if not (self.refiner.rewrites and self.diagnostics_every and self.global_step % self.diagnostics_every == 0):
+            return
+        start = time.perf_counter()
+        contexts = self.refiner.scoring_contexts(batch, rollouts.prompt_index, self.teacher_access)
+        for rows, inputs in self.micro_batches(contexts, rollouts.token_ids, self.packs(TEACHER)):
             raw = self.teacher_forward(inputs)
             ids = inputs.input_ids[inputs.target_mask].to(self.device)
             logprobs, lse = token_stats(raw.hidden, raw.weight, raw.bias, ids, self.divergence.chunk_size)
-            lengths = torch.tensor([len(t) for t in rollouts.token_ids])
-            stats = trajectory_stats(lengths, logprobs, self.disagreement_threshold,
-                                     pivots=pivot_mass(raw.hidden, raw.weight, raw.bias, lse, self.pivot_ids))
-            self.log_dict({f"diag/{k}_y_o": v for k, v in stats.items()}, batch_size=len(rollouts))
+            if rows:
+                record.rows["diag_y_o_length"].extend(len(rollouts.token_ids[r]) for r in rows)
+                record.add_tokens(diag_y_o_teacher_logprob=logprobs, diag_y_o_pivot_mass=pivot_mass(raw.hidden, raw.weight, raw.bias, lse, self.pivot_ids))
+        record.seconds["diagnostics"] = time.perf_counter() - start
 
     # -- step metrics --------------------------------------------------------------------------------
-    def log_step(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets, views: Views) -> None:
-        n = len(rollouts)
-        answers = [batch.answer[i] for i in rollouts.prompt_index]
-        y_o_correct = [self.verifier.score(t, a) for t, a in zip(rollouts.texts, answers)]
-        stats = {
-            "rollout/length": sum(map(len, rollouts.token_ids)) / n,
-            "rollout/truncated": sum(rollouts.truncated) / n,
-            "rollout/accuracy": sum(y_o_correct) / n,
-            "train/target_tokens": float(views.num_target_tokens),
-        }
-        refined = [r for r in range(n) if targets.refined[r]]
-        stats["refine/refined_fraction"] = len(refined) / n
-        stats["refine/fallbacks"] = float(sum(targets.fallback))
-        if refined:
-            y_r_correct = {r: self.verifier.score(targets.texts[r], answers[r]) for r in refined}
-            failed = [r for r in refined if not y_o_correct[r]]
-            passed = [r for r in refined if y_o_correct[r]]
-            stats["refine/accuracy_y_o"] = sum(y_o_correct[r] for r in refined) / len(refined)
-            stats["refine/accuracy_y_r"] = sum(y_r_correct.values()) / len(refined)
-            if failed:
-                stats["refine/fail_to_pass"] = sum(y_r_correct[r] for r in failed) / len(failed)
-            if passed:
-                stats["refine/pass_to_fail"] = sum(not y_r_correct[r] for r in passed) / len(passed)
-            stats["refine/length_y_o"] = sum(len(rollouts.token_ids[r]) for r in refined) / len(refined)
-            stats["refine/length_y_r"] = sum(len(targets.token_ids[r]) for r in refined) / len(refined)
-            stats["refine/edit_similarity"] = sum(
-                Levenshtein.normalized_similarity(rollouts.token_ids[r], targets.token_ids[r]) for r in refined
-            ) / len(refined)
-        self.log_dict(stats, batch_size=n)
-        if self.log_samples_every and self.global_step % self.log_samples_every == 0:
-            self.log_samples(batch, rollouts, targets)
+    def record_targets(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets, record: StepRecord) -> None:
+        """Per rollout: its length, cut-off, correctness; and, where the target is a rewrite, the rewrite's."""
+        for r, (ids, text) in enumerate(zip(rollouts.token_ids, rollouts.texts)):
+            answer = batch.answer[rollouts.prompt_index[r]]
+            refined = targets.refined[r]
+            values = {
+                "y_o_length": len(ids), "y_o_truncated": rollouts.truncated[r], "y_o_correct": self.verifier.score(text, answer),
+                "refined": refined, "fallback": targets.fallback[r], "target_length": len(targets.token_ids[r]),
+                "y_r_correct": refined and self.verifier.score(targets.texts[r], answer),
+                "edit_similarity": Levenshtein.normalized_similarity(ids, targets.token_ids[r]) if refined else 0.0,
+            }
+            for name, value in values.items():
+                record.rows[name].append(float(value))
+
+    def log_record(self, record: StepRecord, step: int) -> None:
+        """The step's metrics, computed over every rank's record, written once, at this step (on the trainer's
+        logging schedule, ``log_every_n_steps``)."""
+        if (step + 1) % self.trainer.log_every_n_steps and not self.trainer.should_stop:
+            return
+        merged = gather(record)
+        metrics = step_metrics(merged, self.disagreement_threshold, "y_r" if self.refiner.rewrites else "y_o")
+        if "skipped_empty_steps" in record.totals:  # this rank's count, the same on every rank
+            metrics["train/skipped_empty_steps"] = record.totals["skipped_empty_steps"]
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=step)
 
     def log_samples(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets, count: int = 4) -> None:
         experiment = getattr(self.logger, "experiment", None)
@@ -447,23 +600,28 @@ class DistillationModule(EvaluationMixin, LightningModule):
         student_contexts = [batch.prompt_ids[i] for i in rollouts.prompt_index]
         scoring = self.refiner.scoring_contexts(batch, rollouts.prompt_index, self.teacher_access)
         scored = [not (batch.padding and batch.padding[i]) for i in rollouts.prompt_index]
-        self.profile("y_o", build_views(student_contexts, scoring, rollouts.token_ids, self.tokenizer.pad_token_id), scored)
+        self.profile("y_o", student_contexts, scoring, rollouts.token_ids, scored)
         if self.refiner.rewrites:  # every rank runs the same passes (sharded models); padding is left out after
-            self.profile("y_r", build_views(student_contexts, targets.teacher_contexts, targets.token_ids, self.tokenizer.pad_token_id),
+            self.profile("y_r", student_contexts, targets.teacher_contexts, targets.token_ids,
                          [keep and refined for keep, refined in zip(scored, targets.refined)])
 
     def evaluated_in(self, stage: str) -> tuple[str, ...]:
         return ("student", "teacher") if stage == "test" and self.evaluate_teacher else ("student",)
 
-    def profile(self, trajectory: str, views: Views, keep: list[bool]) -> None:
-        """Add the per-token divergence along each kept row to that trajectory's position profile."""
-        if not views.num_target_tokens:
-            return
-        out, _ = self.distill(views)
-        rows = out.per_token.split(views.target_lengths.tolist())
-        kept = [row for row, flag in zip(rows, keep) if flag]
-        if kept:
-            self.profiles[trajectory].update(torch.cat(kept), views.target_lengths[torch.tensor(keep)])
+    def profile(self, trajectory: str, student_contexts: list, teacher_contexts: list, targets: list, keep: list[bool]) -> None:
+        """Add the per-token divergence along each kept row to that trajectory's position profile, in micro-batches."""
+        costs = [max(len(s), len(t)) + len(y) for s, t, y in zip(student_contexts, teacher_contexts, targets)]
+        for rows in plan_micro_batches(costs, self.max_tokens_per_micro_batch, self.agree_max):
+            pick = rows or [min(range(len(costs)), key=costs.__getitem__)]  # a filler pass keeps sharded ranks in step
+            views = build_views([student_contexts[r] for r in pick], [teacher_contexts[r] for r in pick], [targets[r] for r in pick],
+                                self.tokenizer.pad_token_id, (self.packs(STUDENT), self.packs(TEACHER)))
+            if not views.num_target_tokens:
+                continue
+            out, _ = self.distill(views)
+            kept = [k for k, r in enumerate(rows) if keep[r]]
+            if kept:
+                values = out.per_token.split(views.target_lengths.tolist())
+                self.profiles[trajectory].update(torch.cat([values[k] for k in kept]), views.target_lengths[kept])
 
     def on_test_epoch_end(self):
         rows = self.compute_metrics("test")

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -41,29 +42,30 @@ def set_rng_state(state: dict) -> None:
 class NonFiniteGuard(Callback):
     """Skips the optimizer update of a step whose loss or gradients are not finite (the gradients are
     dropped, so AdamW leaves every weight and moment untouched), counts and logs it, and stops the run
-    after ``max_consecutive`` such steps in a row."""
+    after ``max_consecutive`` such steps in a row. The module calls ``check`` between its backward passes
+    and its optimizer step, before any clipping (which would turn an infinite gradient into a finite one)."""
 
     def __init__(self, max_consecutive: int = 5):
         if max_consecutive <= 0:
             raise ValueError(f"max_consecutive_skips must be > 0 (got {max_consecutive})")
         self.max_consecutive = max_consecutive
         self.skipped, self.consecutive = 0, 0
-        self.loss: float | None = None
         self.reason: str | None = None
 
-    def on_before_backward(self, trainer, pl_module, loss):
-        self.loss = float(loss.detach())
-        self.reason = None if torch.isfinite(loss.detach()) else f"loss {self.loss}"
-
-    def on_after_backward(self, trainer, pl_module):
-        params = [p for p in pl_module.parameters() if p.grad is not None]
+    def check(self, loss: float, parameters, on_any_rank=lambda flag: flag) -> bool:
+        """Whether the step must be skipped; if so, its gradients are dropped. ``on_any_rank(flag)`` is true on
+        every rank when ``flag`` is true on one (sharded gradients differ per rank; all must skip together)."""
+        self.reason = None if math.isfinite(loss) else f"loss {loss}"
+        params = [p for p in parameters if p.grad is not None]
         if self.reason is None and params:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
             if not torch.isfinite(norm):
                 self.reason = f"gradient norm {float(norm)}"
-        if self.reason is not None:
+        if on_any_rank(self.reason is not None):
+            self.reason = self.reason or "gradient on another rank"
             for p in params:
                 p.grad = None
+        return self.reason is not None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.reason is None:

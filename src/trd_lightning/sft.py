@@ -65,8 +65,7 @@ class SFTModule(EvaluationMixin, LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def training_step(self, batch: ModelInputs, batch_idx: int):
-        rows, cols = batch.predicting_positions()
-        hidden = last_hidden_at(self.model, batch.input_ids, batch.attention_mask, rows, cols)
+        hidden = last_hidden_at(self.model, batch)
         weight, bias = output_head(self.model)
         logits = F.linear(hidden, weight, bias).float()
         loss = F.cross_entropy(logits, batch.input_ids[batch.target_mask])

@@ -43,7 +43,8 @@ class Teacher(ABC):
 
 
 @contextmanager
-def _eval(module: nn.Module) -> Iterator[nn.Module]:
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode for the duration, its mode restored after."""
     was_training = module.training
     module.eval()
     try:
@@ -70,7 +71,7 @@ class SeparateTeacher(Teacher):
 
     @contextmanager
     def scope(self, student: nn.Module, own: nn.Module | None) -> Iterator[nn.Module]:
-        with _eval(own) as module:
+        with evaluating(own) as module:
             yield module
 
 
@@ -102,11 +103,11 @@ class SelfTeacher(Teacher):
     @contextmanager
     def scope(self, student: nn.Module, own: nn.Module | None) -> Iterator[nn.Module]:
         if own is not None:
-            with _eval(own) as module:
+            with evaluating(own) as module:
                 yield module
         elif self.frozen:  # LoRA: the base weights are the step-0 weights
-            with _eval(student) as module, module.disable_adapter():
+            with evaluating(student) as module, module.disable_adapter():
                 yield module
         else:
-            with _eval(student) as module:
+            with evaluating(student) as module:
                 yield module

@@ -104,11 +104,15 @@ class ChatPrompts:
 
 @dataclass
 class ModelInputs:
-    """One model's right-padded batch and the mask of its target tokens."""
+    """One model's batch and the mask of its target tokens: right-padded rows, or (``position_ids`` set) every
+    sequence packed into one row, positions restarting at 0 per sequence and no attention mask, so that
+    transformers keeps each sequence's attention inside it (block-diagonal for sdpa/eager, varlen kernels for
+    flash-attention)."""
 
     input_ids: torch.Tensor  # [B, L]
-    attention_mask: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor | None  # [B, L]; None when packed
     target_mask: torch.Tensor  # [B, L] bool: True exactly at target tokens
+    position_ids: torch.Tensor | None = None  # [1, L] when packed
 
     def predicting_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, column) of the positions whose next-token distribution scores each target token,
@@ -116,8 +120,14 @@ class ModelInputs:
         rows, cols = self.target_mask.nonzero(as_tuple=True)
         return rows, cols - 1
 
+    @property
+    def processed_tokens(self) -> int:
+        """Token positions a forward pass computes, padding included."""
+        return int(self.input_ids.numel())
+
     def to(self, device) -> ModelInputs:
-        return ModelInputs(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.target_mask)))
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return ModelInputs(move(self.input_ids), move(self.attention_mask), move(self.target_mask), move(self.position_ids))
 
 
 @dataclass
@@ -132,19 +142,28 @@ class Views:
         return int(self.target_ids.numel())
 
 
-def pack(contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], pad_id: int) -> ModelInputs:
-    """Right-padded ``context + target`` rows; the target mask marks the target tokens."""
-    width = max(len(c) + len(t) for c, t in zip(contexts, targets))
-    input_ids = torch.full((len(contexts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(contexts), width), dtype=torch.long)
-    target_mask = torch.zeros((len(contexts), width), dtype=torch.bool)
-    for row, (context, target) in enumerate(zip(contexts, targets)):
+def pack(contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], pad_id: int, packed: bool = False) -> ModelInputs:
+    """``context + target`` sequences, right-padded one per row or (``packed``) concatenated into one row;
+    the target mask marks the target tokens."""
+    for row, context in enumerate(contexts):
         if not context:
             raise ValueError(f"row {row} has an empty context: the first target token would have no position to score it")
-        end = len(context) + len(target)
-        input_ids[row, :end] = torch.tensor([*context, *target], dtype=torch.long)
-        attention_mask[row, :end] = 1
-        target_mask[row, len(context):end] = True
+    sequences = [[*context, *target] for context, target in zip(contexts, targets)]
+    if packed:
+        input_ids = torch.tensor([token for sequence in sequences for token in sequence], dtype=torch.long)[None]
+        position_ids = torch.cat([torch.arange(len(sequence)) for sequence in sequences])[None]
+        target_mask = torch.tensor(
+            [i >= len(context) for context, sequence in zip(contexts, sequences) for i in range(len(sequence))], dtype=torch.bool
+        )[None]
+        return ModelInputs(input_ids, None, target_mask, position_ids)
+    width = max(map(len, sequences))
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    target_mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, (context, sequence) in enumerate(zip(contexts, sequences)):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        attention_mask[row, : len(sequence)] = 1
+        target_mask[row, len(context) : len(sequence)] = True
     return ModelInputs(input_ids, attention_mask, target_mask)
 
 
@@ -153,15 +172,17 @@ def build_views(
     teacher_contexts: Sequence[Sequence[int]],
     targets: Sequence[Sequence[int]],
     pad_id: int,
+    packed: tuple[bool, bool] = (False, False),
 ) -> Views:
-    """The student's and the teacher's sequences for the same targets."""
+    """The student's and the teacher's sequences for the same targets; ``packed`` says, per model (student,
+    teacher), whether its sequences go into one row without padding."""
     if not len(student_contexts) == len(teacher_contexts) == len(targets):
         raise ValueError(
             f"views need one context per target: {len(student_contexts)} student, "
             f"{len(teacher_contexts)} teacher, {len(targets)} targets"
         )
-    student = pack(student_contexts, targets, pad_id)
-    teacher = pack(teacher_contexts, targets, pad_id)
+    student = pack(student_contexts, targets, pad_id, packed[0])
+    teacher = pack(teacher_contexts, targets, pad_id, packed[1])
     target_ids = torch.tensor([token for target in targets for token in target], dtype=torch.long)
     # The invariant everything downstream relies on: both models score the same token ids, in order.
     assert torch.equal(student.input_ids[student.target_mask], target_ids), "student view lost target alignment"

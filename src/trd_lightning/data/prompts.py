@@ -123,6 +123,11 @@ class PromptDataModule(LightningDataModule):
             when the data has no reference solutions (OPSD and reference-based refining need them).
         prompt_template: the student's user message (a built-in name, a file, or text with ``{problem}``).
         max_prompt_tokens: a longer student prompt is an error at setup, naming the row.
+        batch_size: prompts per process per optimizer step (a batch is one step: its rollouts are sampled in
+            one engine call; ``model.max_tokens_per_micro_batch`` bounds what one forward pass holds).
+        eval_batch_size: prompts per process per evaluation batch (default: ``batch_size``).
+        shuffle: draw training problems in a random order (seeded); off, in file order (under DDP, process r
+            takes problems r, r + world_size, ...).
         tokenizer: the student's tokenizer; the CLI passes the model's own.
     """
 
@@ -139,6 +144,7 @@ class PromptDataModule(LightningDataModule):
         max_prompt_tokens: int = 1024,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
+        shuffle: bool = True,
         num_workers: int = 0,
         tokenizer=None,
     ):
@@ -156,6 +162,7 @@ class PromptDataModule(LightningDataModule):
         self.max_prompt_tokens = max_prompt_tokens
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
+        self.shuffle = shuffle
         self.num_workers = num_workers
         self.tokenizer = tokenizer
         self.datasets: dict[tuple[str, str], PromptDataset] = {}
@@ -214,7 +221,7 @@ class PromptDataModule(LightningDataModule):
 
     def train_dataloader(self) -> StatefulDataLoader:
         # Stateful: Lightning checkpoints its position (and shuffle generator), so a resumed run goes on mid-epoch.
-        return StatefulDataLoader(self.prepare("train"), batch_size=self.batch_size, shuffle=True, collate_fn=collate, num_workers=self.num_workers)
+        return StatefulDataLoader(self.prepare("train"), batch_size=self.batch_size, shuffle=self.shuffle, collate_fn=collate, num_workers=self.num_workers)
 
     def eval_dataloaders(self, split: str) -> DataLoader | list[DataLoader]:
         loaders = []

@@ -1,7 +1,8 @@
-"""The Lightning callback that brings each training batch its on-policy rollouts.
+"""The Lightning callback that brings each training batch (one optimizer step's prompts) its on-policy rollouts.
 
 Before a batch reaches ``training_step`` it syncs the engine to the student's current weights
-(when they changed and the engine keeps its own copy) and samples ``y_o`` for every prompt.
+(when they changed and the engine keeps its own copy) and samples ``y_o`` for every prompt of the step in one
+engine call: decoding is memory-bound, so the engine is given the whole step at once.
 It owns the randomness of sampling: its checkpointed state holds every RNG, so a resumed run
 draws the same rollouts, and validation in the middle of training never shifts the stream.
 """
@@ -43,10 +44,6 @@ class RolloutCallback(Callback):
         batch.rollouts = engine.generate(STUDENT, pl_module.student, batch.prompt_ids, pl_module.sampling)
         pl_module.timings["sync"] = synced - start
         pl_module.timings["rollout"] = time.perf_counter() - synced
-        guard = pl_module.logprob_guard
-        if guard is not None and batch.rollouts.logprobs is not None and guard.due(step):
-            trainer_logprobs = pl_module.rollout_logprobs(batch, batch.rollouts)
-            pl_module.log_dict(guard.check(batch.rollouts.logprobs, trainer_logprobs, step), batch_size=len(batch.rollouts))
 
     def on_validation_start(self, trainer, pl_module):
         self.stashed_rng = rng_state()

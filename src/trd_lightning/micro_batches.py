@@ -1,0 +1,61 @@
+"""Micro-batches of one optimizer step: its sequences grouped by a token budget, the same count on every rank.
+
+A sequence's cost is the tokens a forward pass over it computes in the model that sees the longer context
+(the teacher's refine prompt under TRD): context + target. Sequences go longest first into the least-loaded
+micro-batch they fit in, so micro-batches come out evenly filled; a sequence over the budget goes alone.
+Every rank must run as many micro-batches (each forward of a sharded model, and each synchronised backward,
+is a collective), so the count is agreed on (the maximum over ranks) before anything runs; a rank with
+fewer sequences than that count gets empty micro-batches, which the trainer fills with a zero-weight pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+
+def first_fit_count(costs: Sequence[int], budget: int) -> int:
+    """How many micro-batches first-fit decreasing needs: close to the fewest that hold ``costs`` under ``budget``."""
+    loads: list[int] = []
+    for cost in sorted(costs, reverse=True):
+        slot = next((b for b, load in enumerate(loads) if load + cost <= budget), None)
+        if slot is None:
+            loads.append(cost)
+        else:
+            loads[slot] += cost
+    return len(loads)
+
+
+def balanced_groups(costs: Sequence[int], budget: int, count: int) -> list[list[int]]:
+    """Indices of ``costs`` in at least ``count`` groups: longest first, each into the least-loaded group it fits
+    in (an empty group takes anything); a new group opens only when none fits. Groups keep ascending indices."""
+    groups: list[list[int]] = [[] for _ in range(count)]
+    loads = [0] * count
+    for index in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        fits = [g for g in range(len(groups)) if not groups[g] or loads[g] + costs[index] <= budget]
+        if not fits:
+            groups.append([])
+            loads.append(0)
+            fits = [len(groups) - 1]
+        slot = min(fits, key=lambda g: (loads[g], g))
+        groups[slot].append(index)
+        loads[slot] += costs[index]
+    return [sorted(group) for group in groups]
+
+
+def plan_micro_batches(costs: Sequence[int], budget: int | None, agree: Callable[[int], int] = lambda n: n) -> list[list[int]]:
+    """The step's micro-batches (lists of sequence indices). ``budget`` None puts everything in one.
+
+    ``agree(n)`` returns the maximum of ``n`` over ranks (identity in one process); every rank calls it the
+    same number of times, so the returned count is the same on all of them.
+    """
+    if budget is None:
+        return [list(range(len(costs)))]
+    if budget <= 0:
+        raise ValueError(f"max_tokens_per_micro_batch must be > 0 (got {budget})")
+    count = agree(max(1, first_fit_count(costs, budget)))
+    while True:
+        groups = balanced_groups(costs, budget, count)
+        agreed = agree(len(groups))
+        if agreed == count:  # the same test on every rank: they leave the loop together
+            return groups
+        count = agreed

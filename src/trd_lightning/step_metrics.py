@@ -1,0 +1,116 @@
+"""What one optimizer step measured: a record each rank fills in, gathered over ranks, and the metrics
+computed from it once, over the whole global batch.
+
+A metric is computed only from what the step recorded, so a step that did not measure something (no
+diagnostics pass, no rewrite, no failed rollout) logs no value for it, rather than an older one.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from trd_lightning.diagnostics import trajectory_stats
+
+
+@dataclass
+class StepRecord:
+    """One rank's measurements of one step.
+
+    ``rows``: per rollout (booleans and counts, by name); ``tokens``: per-token tensors by name, whose
+    sequences' lengths sit in ``rows`` under the name given in ``TRAJECTORIES``; ``totals``: summed over
+    ranks; ``seconds``: stage timings, the slowest rank's.
+    """
+
+    rows: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    tokens: dict[str, list[Tensor]] = field(default_factory=lambda: defaultdict(list))
+    totals: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def add_tokens(self, **values: Tensor) -> None:
+        for name, value in values.items():
+            self.tokens[name].append(value.detach().float().cpu())
+
+    def token_values(self, name: str) -> Tensor | None:
+        return torch.cat(self.tokens[name]) if self.tokens.get(name) else None
+
+    @staticmethod
+    def merge(records: list[StepRecord]) -> StepRecord:
+        """One record of the whole step: rows and tokens concatenated in rank order, totals summed, the
+        slowest rank's timings."""
+        merged = StepRecord()
+        for record in records:
+            for name, values in record.rows.items():
+                merged.rows[name].extend(values)
+            for name, values in record.tokens.items():
+                merged.tokens[name].extend(values)
+            for name, value in record.totals.items():
+                merged.totals[name] += value
+            for name, value in record.seconds.items():
+                merged.seconds[name] = max(merged.seconds[name], value)
+        return merged
+
+
+def gather(record: StepRecord) -> StepRecord:
+    """The whole step's record, on every rank (a collective under DDP/FSDP; this record as it is in one process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
+        return record
+    records: list = [None] * torch.distributed.get_world_size()
+    plain = StepRecord(dict(record.rows), dict(record.tokens), dict(record.totals), dict(record.seconds))
+    torch.distributed.all_gather_object(records, plain)
+    return StepRecord.merge(records)
+
+
+def mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def step_metrics(record: StepRecord, threshold: float, target_name: str) -> dict[str, float]:
+    """The metrics of a (gathered) step record. ``target_name`` is ``y_r`` when the refiner rewrites, else ``y_o``."""
+    rows, totals, out = record.rows, record.totals, {}
+    # rollouts
+    out["rollout/length"] = mean(rows["y_o_length"])
+    out["rollout/truncated"] = mean(rows["y_o_truncated"])
+    out["rollout/accuracy"] = mean(rows["y_o_correct"])
+    gaps = record.token_values("logprob_gap")
+    if gaps is not None and len(gaps):
+        out["rollout/logprob_gap_mean"], out["rollout/logprob_gap_max"] = float(gaps.mean()), float(gaps.max())
+    # refinement (only over the rows whose target is a rewrite)
+    refined = [r for r, flag in enumerate(rows["refined"]) if flag]
+    out["refine/refined_fraction"] = mean(rows["refined"])
+    out["refine/fallbacks"] = float(sum(rows["fallback"])) if rows["fallback"] else None
+    if refined:
+        pick = lambda name: [rows[name][r] for r in refined]  # noqa: E731
+        y_o, y_r = pick("y_o_correct"), pick("y_r_correct")
+        out["refine/accuracy_y_o"], out["refine/accuracy_y_r"] = mean(y_o), mean(y_r)
+        out["refine/fail_to_pass"] = mean([after for before, after in zip(y_o, y_r) if not before])
+        out["refine/pass_to_fail"] = mean([1.0 - after for before, after in zip(y_o, y_r) if before])
+        out["refine/length_y_o"], out["refine/length_y_r"] = mean(pick("y_o_length")), mean(pick("target_length"))
+        out["refine/edit_similarity"] = mean(pick("edit_similarity"))
+    # the loss and its per-token values
+    if totals.get("target_tokens"):
+        out["train/loss"] = totals["loss"]
+        out["train/target_tokens"] = totals["target_tokens"]
+        values = record.token_values("divergence")
+        p50, p95, p99 = torch.quantile(values, torch.tensor([0.5, 0.95, 0.99])).tolist()
+        out.update({"train/divergence_p50": p50, "train/divergence_p95": p95, "train/divergence_p99": p99,
+                    "train/divergence_max": float(values.max()), "train/clip_fraction": float(record.token_values("clipped").mean())})
+        stats = trajectory_stats(torch.tensor(rows["micro_batch_target_length"], dtype=torch.long), record.token_values("teacher_logprob"),
+                                 threshold, record.token_values("student_logprob"), values, record.token_values("pivot_mass"))
+        out.update({f"diag/{name}_{target_name}": value for name, value in stats.items()})
+    if rows.get("diag_y_o_length"):  # the extra teacher pass along y_o, on its schedule
+        stats = trajectory_stats(torch.tensor(rows["diag_y_o_length"], dtype=torch.long), record.token_values("diag_y_o_teacher_logprob"),
+                                 threshold, pivots=record.token_values("diag_y_o_pivot_mass"))
+        out.update({f"diag/{name}_y_o": value for name, value in stats.items()})
+    # the step's shape and speed
+    if totals.get("micro_batches"):
+        out["step/micro_batches"] = totals["micro_batches"] / totals["ranks"]  # the same on every rank
+        out["step/real_token_ratio"] = totals["real_tokens"] / totals["processed_tokens"]
+    for stage, seconds in record.seconds.items():
+        out[f"time/{stage}"] = seconds
+    if totals.get("target_tokens") and record.seconds.get("step"):
+        out["step/target_tokens_per_second"] = totals["target_tokens"] / record.seconds["step"]
+    return {name: float(value) for name, value in out.items() if value is not None}

@@ -1,0 +1,244 @@
+"""The optimizer step at scale, on real tiny models: token-budget micro-batches, packing without padding, the
+global token-mean loss (over micro-batches and over DDP ranks), and metrics logged only where measured."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+
+from trd_lightning.cli import main
+from trd_lightning.micro_batches import balanced_groups, first_fit_count, plan_micro_batches
+from trd_lightning.models import ModelSpec, last_hidden_at, load_model, output_head, packs_correctly
+from trd_lightning.refiners import Refiner, Targets
+from trd_lightning.views import build_views, pack
+
+from .conftest import TINY
+from .test_cli import scalars, tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo"
+
+
+# -- the plan ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(20))
+def test_every_sequence_lands_once_and_micro_batches_respect_the_budget(seed):
+    generator = torch.Generator().manual_seed(seed)
+    costs = torch.randint(1, 300, (int(torch.randint(1, 40, (1,), generator=generator)),), generator=generator).tolist()
+    budget = 256
+    groups = plan_micro_batches(costs, budget)
+    assert sorted(i for g in groups for i in g) == list(range(len(costs)))
+    for group in groups:
+        assert group, "one process alone never gets an empty micro-batch"
+        load = sum(costs[i] for i in group)
+        assert load <= budget or len(group) == 1, (group, load)  # only a lone sequence may exceed the budget
+    assert len(groups) == first_fit_count(costs, budget)  # as few micro-batches as first-fit decreasing needs here
+
+
+def test_longest_first_into_the_least_loaded_micro_batch():
+    # 4 micro-batches for 8 sequences: each pair is a long and a short one, evenly filled.
+    assert balanced_groups([10, 90, 20, 80, 30, 70, 40, 60], budget=100, count=4) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert plan_micro_batches([500, 10, 10], budget=100) == [[0], [1, 2]]  # over the budget: alone
+    assert plan_micro_batches([5, 6, 7], budget=None) == [[0, 1, 2]]
+
+
+def ranks_in_lockstep(costs_per_rank: list[list[int]], budget: int) -> list[list[list[int]]]:
+    """Each rank plans in its own thread; ``agree`` is a real max over the threads, as all_reduce(MAX) is over ranks."""
+    world, barrier, slots, plans = len(costs_per_rank), threading.Barrier(len(costs_per_rank)), [0] * len(costs_per_rank), [None] * len(costs_per_rank)
+
+    def run(rank):
+        def agree(n):
+            slots[rank] = n
+            barrier.wait()
+            agreed = max(slots)
+            barrier.wait()
+            return agreed
+
+        plans[rank] = plan_micro_batches(costs_per_rank[rank], budget, agree)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    return plans
+
+
+def test_every_rank_runs_the_same_number_of_micro_batches():
+    long_rank, short_rank = [900, 800, 700, 600, 500, 400], [20, 30, 10]
+    plans = ranks_in_lockstep([long_rank, short_rank], budget=1000)
+    assert len(plans[0]) == len(plans[1]) == first_fit_count(long_rank, 1000) == 5  # 900 | 800 | 700 | 600+400 | 500
+    assert sorted(i for g in plans[1] for i in g) == [0, 1, 2]
+    assert sum(1 for g in plans[1] if not g) == 2  # 3 sequences, 5 micro-batches: two filler passes
+    assert sorted(i for g in plans[0] for i in g) == list(range(6))
+
+
+# -- packing ------------------------------------------------------------------------------------------------
+def packed_and_alone(model, sequences, split):
+    contexts, targets = [s[:split] for s in sequences], [s[split:] for s in sequences]
+    weight, _ = output_head(model)
+    packed = last_hidden_at(model, pack(contexts, targets, 0, packed=True)) @ weight.T
+    alone = torch.cat([last_hidden_at(model, pack([c], [t], 0)) @ weight.T for c, t in zip(contexts, targets)])
+    return packed, alone
+
+
+def check_packing(model, vocab):
+    torch.manual_seed(0)
+    sequences = [torch.randint(0, vocab, (n,)).tolist() for n in (13, 9, 21)]
+    with torch.no_grad():
+        packed, alone = packed_and_alone(model.eval(), sequences, split=4)
+        torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+        # No target token sees another sequence: rewrite the first sequence entirely, the others' logits stay put.
+        changed = [[(t + 1) % vocab for t in sequences[0]], *sequences[1:]]
+        moved, _ = packed_and_alone(model, changed, split=4)
+    others = slice(len(sequences[0]) - 4, None)
+    torch.testing.assert_close(moved[others], packed[others], atol=1e-6, rtol=0)
+    assert not torch.allclose(moved[: len(sequences[0]) - 4], packed[: len(sequences[0]) - 4])
+    assert packs_correctly(model, "cpu", vocab)
+
+
+def test_packed_forward_equals_each_sequence_alone_demo_qwen3():
+    check_packing(load_model(ModelSpec(path="demo:student")), TINY["vocab_size"])
+
+
+@pytest.mark.slow
+def test_packed_forward_equals_each_sequence_alone_smollm2_llama():
+    from .test_real_model import SMOLLM2
+
+    model = load_model(SMOLLM2)
+    check_packing(model, model.config.vocab_size)
+
+
+def test_a_model_that_mixes_packed_sequences_is_caught(student_dir):
+    """A model whose forward drops the position ids runs the packed row as one sequence: the check must see it."""
+    model = load_model(ModelSpec(path=student_dir))
+    forward = model.forward
+    model.forward = lambda *args, position_ids=None, **kwargs: forward(*args, **kwargs)
+    assert not packs_correctly(model, "cpu", TINY["vocab_size"])
+
+
+def test_views_hold_the_same_target_ids_packed_or_padded(tokenizer):
+    student, teacher, targets = [[1, 2], [3, 4, 5]], [[6], [7, 8, 9, 10]], [[11, 12, 13], [14]]
+    for packed in ((True, True), (False, False), (True, False)):
+        views = build_views(student, teacher, targets, 0, packed)
+        for inputs in (views.student, views.teacher):
+            assert inputs.input_ids[inputs.target_mask].tolist() == [11, 12, 13, 14]
+            assert int(inputs.target_mask.sum()) == 4  # the mask covers the targets and nothing else
+    packed = build_views(student, teacher, targets, 0, (True, True)).student
+    assert packed.input_ids.tolist() == [[1, 2, 11, 12, 13, 3, 4, 5, 14]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3]] and packed.attention_mask is None
+
+
+# -- the loss over the whole step ------------------------------------------------------------------------
+class GradientCapture(Callback):
+    """Saves the student's gradients as the optimizer sees them at the first step (after any DDP all-reduce)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == 0 and trainer.is_global_zero:
+            torch.save({n: p.grad.detach().clone() for n, p in pl_module.student.named_parameters() if p.grad is not None}, self.path)
+
+
+def gradients_of_one_step(tmp_path, config, name, budget, student_dir, teacher_dir, chain_data, *extra):
+    path = tmp_path / f"{name}.pt"
+    main(["fit", "--config", str(DEMO / f"{config}.yaml"), *tiny_overrides(student_dir, teacher_dir, chain_data, tmp_path, name),
+          "--trainer.max_steps=1", "--data.init_args.batch_size=8", f"--model.init_args.max_tokens_per_micro_batch={budget}",
+          "--trainer.callbacks+=tests.test_step.GradientCapture", f"--trainer.callbacks.path={path}", *extra])
+    return torch.load(path, weights_only=True), scalars(tmp_path / name / "version_0")
+
+
+@pytest.mark.parametrize("config", ["opd", "trd"])
+def test_gradients_do_not_depend_on_the_micro_batch_budget(config, student_dir, teacher_dir, chain_data, tmp_path):
+    whole, logged = gradients_of_one_step(tmp_path, config, "whole", "null", student_dir, teacher_dir, chain_data)
+    assert logged["step/micro_batches"] == [(0, 1.0)]
+    costs = 8 * 60  # about 8 sequences of context + target: a budget of a third of it makes several micro-batches
+    for budget in (costs // 2, costs // 6):
+        grads, logged = gradients_of_one_step(tmp_path, config, f"b{budget}", budget, student_dir, teacher_dir, chain_data)
+        assert logged["step/micro_batches"][0][1] > 1, budget
+        assert grads.keys() == whole.keys()
+        for key, value in whole.items():
+            torch.testing.assert_close(grads[key], value, atol=1e-5, rtol=1e-4, msg=f"{key} at budget {budget}")
+
+
+class LengthByParity(Refiner):
+    """Targets of a known length per problem, so that ranks hold very different token counts: even problems get a
+    long target, odd ones a short one. The teacher scores them in the student's own context (OPD)."""
+
+    def __init__(self, long: int = 40, short: int = 2):
+        self.long, self.short = long, short
+
+    def refine(self, batch, rollouts, teacher):
+        ids = [[(7 * batch.index[i] + k) % 250 for k in range(self.long if batch.index[i] % 2 == 0 else self.short)]
+               for i in rollouts.prompt_index]
+        n = len(rollouts)
+        return Targets(ids, [""] * n, self.scoring_contexts(batch, rollouts.prompt_index, teacher), [False] * n, [False] * n)
+
+    def teacher_solutions(self, batch, rollouts, targets, teacher, sampling):
+        return rollouts
+
+
+def test_global_token_mean_over_ddp_ranks_equals_one_process(student_dir, teacher_dir, tmp_path):
+    """Rank 0 holds the long targets (20x rank 1's tokens): its tokens must weigh what they weigh in one process."""
+    data = tmp_path / "eight.jsonl"
+    from trd_lightning.data.chain import sample_problems
+
+    data.write_text("".join(json.dumps({"problem": p.text, "answer": p.answer, "solution": p.solution}) + "\n"
+                            for p in sample_problems(8, 3, seed=3)))
+    common = ["fit", "--config", str(DEMO / "opd.yaml"), f"--model.init_args.student.path={student_dir}",
+              f"--model.init_args.teacher.init_args.model.path={teacher_dir}", f"--data.init_args.train_path={data}",
+              "--data.init_args.val_path=null", "--data.init_args.test_path=null", "--data.init_args.shuffle=false",
+              "--model.init_args.refiner=tests.test_step.LengthByParity", "--model.init_args.sampling.max_new_tokens=4",
+              "--model.init_args.max_tokens_per_micro_batch=80", "--trainer.max_steps=1", "--validate_before_fit=false",
+              "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1",
+              f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.callbacks+=tests.test_step.GradientCapture"]
+    one = subprocess.run([sys.executable, "-m", "trd_lightning.cli", *common, "--data.init_args.batch_size=8",
+                          f"--trainer.callbacks.path={tmp_path / 'one.pt'}", "--trainer.logger.init_args.name=one"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "trd_lightning.cli", *common, "--data.init_args.batch_size=4",
+                          "--trainer.strategy=ddp", "--trainer.devices=2", f"--trainer.callbacks.path={tmp_path / 'two.pt'}",
+                          "--trainer.logger.init_args.name=two"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    alone, shared = torch.load(tmp_path / "one.pt", weights_only=True), torch.load(tmp_path / "two.pt", weights_only=True)
+    for key, value in alone.items():
+        torch.testing.assert_close(shared[key], value, atol=1e-5, rtol=1e-4, msg=key)
+    logged_one, logged_two = scalars(tmp_path / "one/version_0"), scalars(tmp_path / "two/version_0")
+    # Both see the whole global batch: 4 long and 4 short targets, one loss.
+    assert logged_one["train/target_tokens"] == logged_two["train/target_tokens"] == [(0, 4 * 40 + 4 * 2.0)]
+    torch.testing.assert_close(logged_two["train/loss"][0][1], logged_one["train/loss"][0][1], atol=1e-5, rtol=1e-5)
+    # Rank 0 needs more micro-batches of 80 tokens for its long rows than rank 1: both ran as many (a mean over
+    # ranks of their counts would not be a whole number otherwise).
+    (_, count), = logged_two["step/micro_batches"]
+    assert count == int(count) >= 2
+
+
+# -- logs ------------------------------------------------------------------------------------------------------
+def test_a_metric_is_logged_only_at_the_steps_that_measured_it(tmp_path):
+    from .test_reliability import fit_args
+
+    main(fit_args("trd", tmp_path, "run", 4, "--model.init_args.diagnostics_every=3"))  # the demo's own models and data
+    logged = scalars(tmp_path / "run" / "version_0")
+    for tag in ("diag/teacher_ppl_y_o", "diag/pivot_permille_y_o", "time/diagnostics"):
+        assert [step for step, _ in logged[tag]] == [0, 3], tag  # the extra teacher pass ran at steps 0 and 3 only
+    for tag in ("train/loss", "diag/teacher_ppl_y_r", "step/micro_batches", "step/real_token_ratio", "time/refine"):
+        assert [step for step, _ in logged[tag]] == [0, 1, 2, 3], tag
+    assert all(value == 1.0 for _, value in logged["step/real_token_ratio"])  # packed: no padding computed
+    # fail->pass is measured over the rows whose rollout failed: present exactly where some did.
+    failed = [step for step, value in logged["refine/accuracy_y_o"] if value < 1.0]
+    assert [step for step, _ in logged["refine/fail_to_pass"]] == failed
+
+
+@pytest.mark.parametrize("setting, fix", [("--trainer.accumulate_grad_batches=4", "data.init_args.batch_size"),
+                                          ("--trainer.gradient_clip_val=1.0", "model.init_args.gradient_clip_val: 1.0")])
+def test_trainer_settings_the_step_replaces_are_refused_with_the_fix(setting, fix, student_dir, teacher_dir, chain_data, tmp_path):
+    with pytest.raises(SystemExit, match=fix.replace(".", r"\.")):
+        main(["fit", "--config", str(DEMO / "opd.yaml"), *tiny_overrides(student_dir, teacher_dir, chain_data, tmp_path),
+              "--trainer.max_steps=1", setting])
