@@ -41,13 +41,14 @@ def test_one_step_on_smollm2_keeps_targets_aligned(method, tmp_path):
                                  sampling=Sampling(temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=24), require_answer=False)
     module = DistillationModule(student=SMOLLM2, teacher=SelfTeacher(frozen=True), refiner=refiner,
                                 sampling=Sampling(temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=24),
-                                verifier=MathVerifier(), max_context_tokens=512, log_samples_every=0, export_student=False)
+                                verifier=MathVerifier(), max_context_tokens=512, log_samples_every=0, export_student=False,
+                                max_tokens_per_micro_batch=96)  # a micro-batch per sequence or two
     seen, make_views = [], module.make_views
 
-    def recording_make_views(batch, rollouts, targets):
-        views = make_views(batch, rollouts, targets)
-        seen.append((batch, rollouts, targets, views))
-        return views
+    def recording_make_views(batch, rollouts, targets, rows=None):
+        # Each micro-batch the step forms, and for each of its rows that row's own (unpadded) views.
+        seen.append((batch, rollouts, targets, {r: make_views(batch, rollouts, targets, [r]) for r in rows}))
+        return make_views(batch, rollouts, targets, rows)
 
     module.make_views = recording_make_views
     data = PromptDataModule(train_path=str(path), prompt_template="math_student", batch_size=2, max_prompt_tokens=256, tokenizer=module.tokenizer)
@@ -56,13 +57,15 @@ def test_one_step_on_smollm2_keeps_targets_aligned(method, tmp_path):
             default_root_dir=tmp_path).fit(module, datamodule=data)
 
     assert module.tokenizer.chat_template and "<|im_start|>" in module.tokenizer.chat_template  # SmolLM2's own template
-    (batch, rollouts, targets, views), = seen
+    batch, rollouts, targets, _ = seen[0]
+    views = {r: row for *_, rows in seen for r, row in rows.items()}
+    assert sorted(views) == list(range(len(rollouts)))  # every row went through exactly one micro-batch
     assert not method.startswith("trd") or any(targets.refined)
     for r, i in enumerate(rollouts.prompt_index):
         target = targets.token_ids[r]
-        for inputs in (views.student, views.teacher):
-            assert inputs.input_ids[r, inputs.target_mask[r]].tolist() == target  # identical ids in both views
-        student_context = module.tokenizer.decode(views.student.input_ids[r, : views.student.target_mask[r].nonzero()[0]])
+        for inputs in (views[r].student, views[r].teacher):
+            assert inputs.input_ids[inputs.target_mask].tolist() == target  # identical ids in both views
+        student_context = module.tokenizer.decode(views[r].student.input_ids[~views[r].student.target_mask])
         teacher_context = module.tokenizer.decode(targets.teacher_contexts[r])
         assert batch.problem[i] in student_context and batch.solution[i] not in student_context
         assert batch.problem[i] in teacher_context and batch.solution[i] in teacher_context

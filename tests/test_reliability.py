@@ -290,3 +290,27 @@ class _StopError(Exception):
 class _Stop:
     def __getattr__(self, name):
         raise _StopError
+
+
+def test_interrupted_ddp_run_resumes_to_exactly_the_uninterrupted_one(tmp_path):
+    """Two DDP processes: SIGTERM on both after step 1, then ``--ckpt_path last``, ends where a straight run ends."""
+    import subprocess
+    import sys
+
+    def fit(name: str, *extra: str) -> subprocess.CompletedProcess:
+        args = fit_args("opd", tmp_path, name, 4, "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.limit_val_batches=0",
+                        "--trainer.callbacks.init_args.every_n_train_steps=2", *extra)
+        return subprocess.run([sys.executable, "-m", "trd_lightning.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+    straight = fit("straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    broken = fit("broken", "--trainer.callbacks+=tests.test_reliability.InterruptAt", "--trainer.callbacks.step=0")
+    assert broken.returncode != 0 and "resume with --ckpt_path last" in broken.stderr, broken.stderr[-3000:]
+    assert torch.load(tmp_path / "broken/version_0/checkpoints/last.ckpt", weights_only=True)["global_step"] == 1
+    resumed = fit("broken", "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = torch.load(tmp_path / "straight/version_0/checkpoints/last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "broken/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 4
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key

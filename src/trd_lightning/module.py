@@ -427,7 +427,7 @@ class DistillationModule(EvaluationMixin, LightningModule):
         # The callback's sync and rollout ran before this method; the step is all of it.
         record.seconds.update({name: self.timings[name] for name in ("sync", "rollout", "teacher", "student_forward") if name in self.timings})
         record.seconds["step"] = time.perf_counter() - start + self.timings.get("sync", 0.0) + self.timings.get("rollout", 0.0)
-        self.timings.clear()
+        self.timings = dict(record.seconds)  # this step's stages, until the next step's rollout starts afresh
         self.log_record(record, step)
         if self.log_samples_every and step % self.log_samples_every == 0:
             self.log_samples(batch, rollouts, targets)

@@ -2,7 +2,7 @@
 
 - ``rng_state`` / ``set_rng_state``: every RNG rollout sampling draws from, as checkpointable tensors;
 - ``NonFiniteGuard``: a step whose loss or gradient is NaN/inf changes no weight; N in a row stop the run;
-- ``GracefulInterrupt``: SIGTERM or SIGINT lets the current step finish, then writes ``last.ckpt``;
+- ``GracefulInterrupt``: SIGTERM or SIGINT lets the current step finish, then writes ``last.ckpt`` (under DDP too);
 - ``SafeCheckpointIO``: loads weights-only and names the file when it is truncated or corrupt;
 - ``find_last_checkpoint``: what ``--ckpt_path last`` means, across the logger's version folders.
 """
@@ -20,6 +20,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 def rng_state() -> dict:
@@ -91,45 +92,56 @@ class NonFiniteGuard(Callback):
 
 
 class GracefulInterrupt(Callback):
-    """SIGTERM (Lightning's own handler) or a first SIGINT (turned into a SIGTERM): finish the step,
-    write ``last.ckpt`` next to the run's checkpoints, and stop. A second SIGINT interrupts at once."""
+    """SIGTERM or a first SIGINT: finish the step, write ``last.ckpt`` next to the run's checkpoints, and stop
+    (``SIGTERMException``). A second SIGINT interrupts at once.
+
+    The handler only raises a flag; the processes agree on it at the end of the step (any one of them asked),
+    then all save and stop together. Lightning's own SIGTERM handler runs a collective inside the handler,
+    which deadlocks DDP when the processes receive the signal at different points (or twice, as a process
+    started by Lightning's launcher does when the first one forwards it), so it is replaced during training.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self.previous = None
+        self.previous: dict = {}
 
-    def setup(self, trainer, pl_module, stage):
-        if stage == "fit" and _main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+    def on_train_start(self, trainer, pl_module):
+        if _main_thread():  # after Lightning installed its handlers for this run
+            self.previous = {signum: signal.signal(signum, self._on_signal) for signum in self.SIGNALS}
 
-    def teardown(self, trainer, pl_module, stage):
+    def on_train_end(self, trainer, pl_module):
         self.restore()
 
     def on_exception(self, trainer, pl_module, exception):
         self.restore()
 
     def restore(self) -> None:
-        if self.previous is not None and _main_thread():
-            signal.signal(signal.SIGINT, self.previous)
-            self.previous = None
+        if self.previous and _main_thread():
+            for signum, handler in self.previous.items():
+                signal.signal(signum, handler)
+            self.previous = {}
 
-    def _on_sigint(self, signum, frame):
-        if self.requested:
+    def _on_signal(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        rank_zero_info("interrupt received: finishing this step, then saving last.ckpt (interrupt again to stop at once)")
-        os.kill(os.getpid(), signal.SIGTERM)  # from here on, exactly Lightning's graceful SIGTERM path
+        rank_zero_info(f"{signal.Signals(signum).name} received: finishing this step, then saving last.ckpt"
+                       + (" (interrupt again to stop at once)" if signum == signal.SIGINT else ""))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if not trainer.strategy.reduce_boolean_decision(bool(trainer.received_sigterm), all=False):
+        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
         path = checkpoint_dir(trainer) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint):
                 callback.last_model_path = str(path)  # so it, and its restored self, overwrite this file, not version it
         trainer.save_checkpoint(path)
+        for logger in trainer.loggers:
+            logger.save()
         rank_zero_info(f"interrupted after step {trainer.global_step}: saved {path}; resume with --ckpt_path last")
-        # Lightning writes this step's logs, then stops with SIGTERMException (no validation first).
+        raise SIGTERMException  # every process at once: they agreed above
 
 
 def _main_thread() -> bool:

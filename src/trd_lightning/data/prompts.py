@@ -4,6 +4,7 @@ rendered with the student's prompt template and the tokenizer's chat template.""
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -11,6 +12,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from trd_lightning.models import resolve_path
 from trd_lightning.rollout.base import Rollouts
@@ -221,7 +223,13 @@ class PromptDataModule(LightningDataModule):
 
     def train_dataloader(self) -> StatefulDataLoader:
         # Stateful: Lightning checkpoints its position (and shuffle generator), so a resumed run goes on mid-epoch.
-        return StatefulDataLoader(self.prepare("train"), batch_size=self.batch_size, shuffle=self.shuffle, collate_fn=collate, num_workers=self.num_workers)
+        dataset = self.prepare("train")
+        if not distributed():
+            return StatefulDataLoader(dataset, batch_size=self.batch_size, shuffle=self.shuffle, collate_fn=collate, num_workers=self.num_workers)
+        # Under DDP/FSDP a stateful distributed sampler of our own: Lightning keeps it (it replaces only plain samplers,
+        # with one whose position a checkpoint does not hold), seeded as Lightning seeds its own.
+        sampler = StatefulDistributedSampler(dataset, shuffle=self.shuffle, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+        return StatefulDataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=collate, num_workers=self.num_workers)
 
     def eval_dataloaders(self, split: str) -> DataLoader | list[DataLoader]:
         loaders = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+import torch
 from lightning.pytorch import Callback
 
 from trd_lightning.reliability import rng_state, set_rng_state
@@ -36,6 +37,7 @@ class RolloutCallback(Callback):
         if self.resumed_rng is not None:  # restored here, so nothing run since the restore shifts the stream
             set_rng_state(self.resumed_rng)
             self.resumed_rng = None
+        pl_module.timings = {}  # this step's stage timings start here
         start = time.perf_counter()
         if engine.holds_weights and self.sync_due(step):
             engine.sync_weights(STUDENT, pl_module.student)
@@ -52,8 +54,20 @@ class RolloutCallback(Callback):
         set_rng_state(self.stashed_rng)
 
     def state_dict(self) -> dict:
-        return {"synced_at": self.synced_at, "rng": rng_state()}
+        """Every process's RNG state: their streams part as soon as their rollouts differ in length, and the
+        checkpoint is written from the first process's state dict. (Every process saves together.)"""
+        return {"synced_at": self.synced_at, "rng_per_rank": _all_ranks(rng_state())}
 
     def load_state_dict(self, state: dict) -> None:
         self.synced_at = None  # a new process's engine holds none of the weights
-        self.resumed_rng = state["rng"]
+        states = state.get("rng_per_rank") or [state["rng"]]
+        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        self.resumed_rng = states[rank % len(states)]  # the same world size resumes exactly
+
+
+def _all_ranks(value) -> list:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
+        return [value]
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
