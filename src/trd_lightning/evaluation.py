@@ -50,8 +50,9 @@ class EvaluationMixin:
     def correct_per_problem(self, batch: PromptBatch, rollouts: Rollouts) -> list[int]:
         """How many of each real (not padding) problem's completions are right."""
         counts = [0] * len(batch)
-        for i, text in zip(rollouts.prompt_index, rollouts.texts):
-            counts[i] += int(self.verifier.score(text, batch.answer[i]))
+        verdicts = self.verifier.score_many(rollouts.texts, [batch.answer[i] for i in rollouts.prompt_index])
+        for i, correct in zip(rollouts.prompt_index, verdicts):
+            counts[i] += int(correct)
         padding = batch.padding or [False] * len(batch)
         return [c for c, pad in zip(counts, padding) if not pad]
 
