@@ -4,6 +4,7 @@ rendered with the student's prompt template and the tokenizer's chat template.""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -119,8 +120,14 @@ class PromptDataModule(LightningDataModule):
         train_path: a local ``.jsonl`` or ``.parquet`` file.
         val_path / test_path: one such file, or several as ``{name: path}``; metrics are then
             reported per dataset, as ``val/<name>/...``.
-        problem_field / answer_field / solution_field: column names; set ``solution_field: null``
-            when the data has no reference solutions (OPSD and reference-based refining need them).
+        problem_field / answer_field / solution_field: where each comes from in a row: a column name, or a
+            path into a column that holds JSON or nested data (``solutions[0]``: the first element of the
+            ``solutions`` list). Set ``solution_field: null`` when the data has no reference solutions (OPSD
+            and reference-based refining need them). ``answer_field`` may also map names to columns
+            (``{tests: input_output}``; a list of columns gives a list of values): the answer is then that
+            JSON object, which is how code rows carry their tests (``trd_lightning.code_tests``).
+        starter_field: a column with code the solution must start from (a signature, a class skeleton); when
+            the row has one, the student's problem text ends with it in a code block.
         prompt_template: the student's user message (a built-in name, a file, or text with ``{problem}``).
         max_prompt_tokens: a longer student prompt is an error at setup, naming the row.
         tokenizer: the student's tokenizer; the CLI passes the model's own.
@@ -132,8 +139,9 @@ class PromptDataModule(LightningDataModule):
         val_path: str | dict[str, str] | None = None,
         test_path: str | dict[str, str] | None = None,
         problem_field: str = "problem",
-        answer_field: str = "answer",
+        answer_field: str | dict[str, str | list[str]] = "answer",
         solution_field: str | None = "solution",
+        starter_field: str | None = None,
         prompt_template: str = "math_student",
         system_prompt: str | None = None,
         max_prompt_tokens: int = 1024,
@@ -150,7 +158,10 @@ class PromptDataModule(LightningDataModule):
         if max_prompt_tokens <= 0:
             raise ValueError(f"data max_prompt_tokens must be > 0 (got {max_prompt_tokens})")
         self.paths = {split: named_paths(path, split) for split, path in (("train", train_path), ("val", val_path), ("test", test_path))}
+        if isinstance(answer_field, dict) and not answer_field:
+            raise ValueError("data answer_field is an empty mapping; map at least one name to a column")
         self.fields = {PROBLEM: problem_field, "answer": answer_field, SOLUTION: solution_field}
+        self.starter_field = starter_field
         self.template = Template(prompt_template, "data prompt_template").require(PROBLEM)
         self.system_prompt = system_prompt
         self.max_prompt_tokens = max_prompt_tokens
@@ -188,14 +199,15 @@ class PromptDataModule(LightningDataModule):
             for key, column in self.fields.items():
                 if column is None:
                     item[key] = None
-                    continue
-                if column not in record or record[column] is None:
-                    present = ", ".join(k for k in record if k != "_line")
-                    raise DataError(
-                        f"{where}: missing the field {column!r} (set by `{key}_field`); the row has: {present}"
-                        + ("; set `solution_field: null` if the data has no reference solutions" if key == SOLUTION else "")
-                    )
-                item[key] = str(record[column])
+                elif isinstance(column, dict):
+                    item[key] = json.dumps({name: ([field_value(record, c, where, key) for c in path] if isinstance(path, list)
+                                                   else field_value(record, path, where, key)) for name, path in column.items()})
+                else:
+                    value = field_value(record, column, where, key)
+                    item[key] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+            starter = lookup(record, self.starter_field) if self.starter_field else None
+            if isinstance(starter, str) and starter.strip():
+                item[PROBLEM] = STARTER.format(problem=item[PROBLEM], starter=starter.strip("\n"))
             try:
                 item["prompt_ids"] = prompts.encode(self.template, self.max_prompt_tokens, problem=item[PROBLEM])
             except PromptTooLongError as error:
@@ -229,6 +241,44 @@ class PromptDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader | list[DataLoader]:
         return self.eval_dataloaders("test")
+
+
+STARTER = "{problem}\n\nYour solution must start from this code:\n```python\n{starter}\n```"
+_STEP = re.compile(r"\.([^.\[\]]+)|\[(-?\d+)\]")
+
+
+def lookup(record: dict, path: str):
+    """A row's value at ``path``: a column, or a column followed by ``[index]`` / ``.key`` steps into its
+    data (a column holding JSON text is decoded first). None when absent."""
+    if path in record:
+        return record[path]
+    head = re.match(r"[^.\[\]]+", path)
+    if head is None or head[0] not in record:
+        return None
+    value, rest = record[head[0]], path[head.end():]
+    for step in _STEP.finditer(rest):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                return None
+        key, index = step.groups()
+        try:
+            value = value[int(index)] if index is not None else value[key]
+        except (IndexError, KeyError, TypeError):
+            return None
+    return value
+
+
+def field_value(record: dict, path: str, where: str, key: str):
+    value = lookup(record, path)
+    if value is None:
+        present = ", ".join(k for k in record if k != "_line")
+        raise DataError(
+            f"{where}: missing the field {path!r} (set by `{key}_field`); the row has: {present}"
+            + ("; set `solution_field: null` if the data has no reference solutions" if key == SOLUTION else "")
+        )
+    return value
 
 
 def named_paths(path: str | dict[str, str] | None, split: str) -> dict[str, str]:
