@@ -71,8 +71,9 @@ class Limits:
         cpu_seconds: CPU time of each process (RLIMIT_CPU).
         wall_seconds: wall-clock time of the whole run; past it every process of the run is killed.
         memory_mb: address space of each process (RLIMIT_AS).
-        file_size_mb: the largest file a process may write (RLIMIT_FSIZE); under ``bwrap`` also the size of
-            the working directory and of ``/tmp`` (each a tmpfs).
+        file_size_mb: the largest file a process may write (RLIMIT_FSIZE).
+        disk_mb: under ``bwrap``, the size of the working directory and of ``/tmp`` (each a tmpfs, held in
+            memory); under ``rlimits`` nothing bounds the number of files written.
         processes: processes and threads of the run's uid (RLIMIT_NPROC; enforced when the trainer runs as
             root, which gives each worker its own uid).
         open_files: file descriptors of each process (RLIMIT_NOFILE).
@@ -83,12 +84,13 @@ class Limits:
     wall_seconds: float = 6.0
     memory_mb: int = 1024
     file_size_mb: int = 16
+    disk_mb: int = 64
     processes: int = 16
     open_files: int = 64
     output_bytes: int = 1 << 20
 
     def __post_init__(self):
-        for name in ("cpu_seconds", "wall_seconds", "memory_mb", "file_size_mb", "processes", "open_files", "output_bytes"):
+        for name in ("cpu_seconds", "wall_seconds", "memory_mb", "file_size_mb", "disk_mb", "processes", "open_files", "output_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"sandbox limit {name} must be > 0 (got {getattr(self, name)})")
 
@@ -317,8 +319,8 @@ class Sandbox:
                     timed_out = True
             kill_group(process.pid)
         returncode = process.wait()
-        if isolation == "rlimits" and uid is not None:
-            kill_uid(uid)  # a child that left the process group (setsid) and still runs as the run's uid
+        if uid is not None:
+            reap_uid(uid)  # children that left the group (setsid), or a PID namespace still being torn down
         for stream in limits:
             stream.close()
         return RunResult(None if (timed_out or truncated) else returncode,
@@ -364,7 +366,7 @@ def sandbox_env() -> dict[str, str]:
 
 
 def bwrap_args(python: str, host_dir: str, limits: Limits, root: bool) -> list[str]:
-    size = str(limits.file_size_mb << 20)
+    size = str(limits.disk_mb << 20)
     args = [bwrap_binary(), "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--die-with-parent", "--new-session", "--clearenv"]
     for key, value in sandbox_env().items():
@@ -392,12 +394,40 @@ def bwrap_args(python: str, host_dir: str, limits: Limits, root: bool) -> list[s
 
 def kill_group(pgid: int) -> None:
     try:
+        os.killpg(pgid, signal.SIGSTOP)  # stopped processes cannot fork while the group is being killed
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
 
 
+def uid_processes(uid: int) -> list[int]:
+    """Live (not zombie) processes owned by ``uid`` (the owner of /proc/<pid> is the process's effective uid)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.stat(f"/proc/{name}").st_uid == uid:
+                    with open(f"/proc/{name}/stat") as handle:
+                        if handle.read().rpartition(")")[2].split()[0] not in "ZX":
+                            found.append(int(name))
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                pass
+    return found
+
+
+def reap_uid(uid: int, patience: float = 5.0) -> None:
+    """Return only once nothing runs as ``uid``. Killed orphans outside a PID namespace (``rlimits``) stay
+    zombies until the host's init reaps them, and count against the uid's process limit until then."""
+    deadline = time.monotonic() + patience
+    while uid_processes(uid):
+        kill_uid(uid)
+        if time.monotonic() > deadline:
+            log.warning(f"processes of sandbox uid {uid} survive SIGKILL: {uid_processes(uid)}")
+            return
+        time.sleep(0.01)
+
+
 def kill_uid(uid: int) -> None:
     """Kill every process of ``uid`` (kill(-1) as that uid reaches exactly its own processes)."""
-    subprocess.run(["/bin/sh", "-c", "kill -9 -1 2>/dev/null; true"], user=uid, group=uid, extra_groups=[], env={"PATH": "/usr/bin:/bin"},
+    subprocess.run(["/bin/sh", "-c", "kill -STOP -1 2>/dev/null; kill -KILL -1 2>/dev/null; true"], user=uid, group=uid, extra_groups=[], env={"PATH": "/usr/bin:/bin"},
                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, process_group=0, timeout=10)
