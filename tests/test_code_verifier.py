@@ -232,3 +232,18 @@ def test_field_paths_name_the_missing_field(tmp_path, tokenizer):
                             solution_field="solutions[0]", prompt_template="code_student", tokenizer=tokenizer)
     with pytest.raises(Exception, match=r"solutions\[0\]"):
         data.prepare("test")
+
+
+def test_each_named_dataset_reads_its_own_schema(tmp_path, tokenizer):
+    """One data module, three test sets in three schemas: per-dataset field mappings, one code path."""
+    paths = {}
+    for schema, (rows, fields) in SCHEMAS.items():
+        paths[schema] = {"path": str(tmp_path / f"{schema}.jsonl"), **{k: v for k, v in fields.items()}}
+        (tmp_path / f"{schema}.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k not in ("correct", "wrong")}) + "\n" for r in rows))
+    data = PromptDataModule(test_path=paths, tokenizer=tokenizer, problem_field="nope", answer_field="nope")
+    verifier = CodeVerifier(limits=Limits(cpu_seconds=2, wall_seconds=2.0), workers=2)
+    for schema, (rows, _) in SCHEMAS.items():
+        items = list(data.prepare("test", schema))
+        assert verifier.score_many([r["correct"] for r in rows], [it["answer"] for it in items]) == [True] * len(rows)
+    with pytest.raises(Exception, match="unknown keys"):
+        PromptDataModule(test_path={"x": {"path": "a.jsonl", "answer_fields": "y"}}, tokenizer=tokenizer)

@@ -119,7 +119,9 @@ class PromptDataModule(LightningDataModule):
     Args:
         train_path: a local ``.jsonl`` or ``.parquet`` file.
         val_path / test_path: one such file, or several as ``{name: path}``; metrics are then
-            reported per dataset, as ``val/<name>/...``.
+            reported per dataset, as ``val/<name>/...``. A dataset in its own schema gives a mapping instead
+            of the path: ``{path: ..., problem_field: ..., answer_field: ..., solution_field: ...,
+            starter_field: ..., prompt_template: ...}``, each key overriding the module's setting.
         problem_field / answer_field / solution_field: where each comes from in a row: a column name, or a
             path into a column that holds JSON or nested data (``solutions[0]``: the first element of the
             ``solutions`` list). Set ``solution_field: null`` when the data has no reference solutions (OPSD
@@ -136,8 +138,8 @@ class PromptDataModule(LightningDataModule):
     def __init__(
         self,
         train_path: str | None = None,
-        val_path: str | dict[str, str] | None = None,
-        test_path: str | dict[str, str] | None = None,
+        val_path: str | dict[str, str | dict] | None = None,
+        test_path: str | dict[str, str | dict] | None = None,
         problem_field: str = "problem",
         answer_field: str | dict[str, str | list[str]] = "answer",
         solution_field: str | None = "solution",
@@ -157,7 +159,11 @@ class PromptDataModule(LightningDataModule):
             raise ValueError(f"data eval_batch_size must be > 0 (got {eval_batch_size})")
         if max_prompt_tokens <= 0:
             raise ValueError(f"data max_prompt_tokens must be > 0 (got {max_prompt_tokens})")
-        self.paths = {split: named_paths(path, split) for split, path in (("train", train_path), ("val", val_path), ("test", test_path))}
+        self.paths, self.overrides = {}, {}
+        for split, path in (("train", train_path), ("val", val_path), ("test", test_path)):
+            self.paths[split] = {}
+            for name, spec in named_paths(path, split).items():
+                self.paths[split][name], self.overrides[(split, name)] = dataset_spec(spec, f"{split}_path {name!r}")
         if isinstance(answer_field, dict) and not answer_field:
             raise ValueError("data answer_field is an empty mapping; map at least one name to a column")
         self.fields = {PROBLEM: problem_field, "answer": answer_field, SOLUTION: solution_field}
@@ -173,7 +179,12 @@ class PromptDataModule(LightningDataModule):
 
     @property
     def has_solutions(self) -> bool:
-        return self.fields[SOLUTION] is not None
+        return self.dataset_fields("train", "train")[SOLUTION] is not None
+
+    def dataset_fields(self, split: str, name: str) -> dict:
+        """Where problem, answer and solution come from in this dataset (its overrides, else the module's)."""
+        overrides = self.overrides.get((split, name), {})
+        return {key: overrides.get(f"{key}_field", column) for key, column in self.fields.items()}
 
     def dataset_names(self, split: str) -> list[str]:
         return list(self.paths[split])
@@ -189,6 +200,10 @@ class PromptDataModule(LightningDataModule):
         if self.tokenizer is None:
             raise DataError("the data module needs the student's tokenizer (the CLI links it; pass `tokenizer=` in code)")
         prompts = ChatPrompts(self.tokenizer, self.system_prompt)
+        overrides = self.overrides.get((split, name), {})
+        fields = self.dataset_fields(split, name)
+        starter_field = overrides.get("starter_field", self.starter_field)
+        template = Template(overrides["prompt_template"], f"{split}_path {name!r} prompt_template").require(PROBLEM) if "prompt_template" in overrides else self.template
         records = read_records(path)
         if not records:
             raise DataError(f"{split} data {path!r} is empty: it needs at least one problem")
@@ -196,7 +211,7 @@ class PromptDataModule(LightningDataModule):
         for i, record in enumerate(records):
             where = f"{path}:{record['_line']}" if "_line" in record else f"{path} row {i}"
             item = {"index": i, "source": where}
-            for key, column in self.fields.items():
+            for key, column in fields.items():
                 if column is None:
                     item[key] = None
                 elif isinstance(column, dict):
@@ -205,11 +220,11 @@ class PromptDataModule(LightningDataModule):
                 else:
                     value = field_value(record, column, where, key)
                     item[key] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-            starter = lookup(record, self.starter_field) if self.starter_field else None
+            starter = lookup(record, starter_field) if starter_field else None
             if isinstance(starter, str) and starter.strip():
                 item[PROBLEM] = STARTER.format(problem=item[PROBLEM], starter=starter.strip("\n"))
             try:
-                item["prompt_ids"] = prompts.encode(self.template, self.max_prompt_tokens, problem=item[PROBLEM])
+                item["prompt_ids"] = prompts.encode(template, self.max_prompt_tokens, problem=item[PROBLEM])
             except PromptTooLongError as error:
                 raise DataError(f"{where}: {error} (`max_prompt_tokens` on the data module)") from None
             items.append(item)
@@ -281,12 +296,28 @@ def field_value(record: dict, path: str, where: str, key: str):
     return value
 
 
-def named_paths(path: str | dict[str, str] | None, split: str) -> dict[str, str]:
+DATASET_KEYS = ("path", "problem_field", "answer_field", "solution_field", "starter_field", "prompt_template")
+
+
+def dataset_spec(spec: str | dict, where: str) -> tuple[str, dict]:
+    """A dataset's path and its field overrides."""
+    if isinstance(spec, str):
+        return spec, {}
+    if not isinstance(spec, dict) or "path" not in spec:
+        raise DataError(f"{where} must be a path or a mapping with a `path` (got {spec!r})")
+    unknown = sorted(set(spec) - set(DATASET_KEYS))
+    if unknown:
+        raise DataError(f"{where}: unknown keys {unknown}; a dataset may set {list(DATASET_KEYS)}")
+    overrides = {k: v for k, v in spec.items() if k != "path"}
+    return spec["path"], overrides
+
+
+def named_paths(path: str | dict | None, split: str) -> dict:
     """``{name: path}`` for a split: a single path is named after the split."""
     if path is None:
         return {}
-    if isinstance(path, str):
-        return {split: path}
+    if isinstance(path, str) or (isinstance(path, dict) and isinstance(path.get("path"), str) and set(path) <= set(DATASET_KEYS)):
+        return {split: path}  # one dataset, unnamed
     if not path:
         raise DataError(f"{split}_path is an empty mapping; give at least one dataset or null")
     return dict(path)
