@@ -162,7 +162,10 @@ def parse_tests(answer: str) -> Tests:
         fn_name = fn_name.get("func_name") or fn_name.get("fn_name")
     cases = _cases(spec["tests"], fn_name or None) if spec.get("tests") is not None else []
     assertion = spec.get("test") or None
-    tests = Tests(tuple(cases), assertion, spec.get("entry_point") or None, spec.get("prelude") or "")
+    prelude = spec.get("prelude") or ""
+    if isinstance(prelude, list):  # import lines as a list (MBPP's test_imports)
+        prelude = "\n".join(map(str, prelude))
+    tests = Tests(tuple(cases), assertion, spec.get("entry_point") or None, prelude)
     if not len(tests):
         raise BadTestsError("the row has no tests")
     if assertion and "def check(" in assertion and not tests.entry_point:
