@@ -49,7 +49,8 @@ def sandbox(request):
 
 def sandbox_processes(sandbox: Sandbox) -> list[int]:
     """Live processes still running as one of the sandbox's uids (zombies cannot run)."""
-    return [pid for i in range(sandbox.workers) for pid in uid_processes(64000 + i)]
+    assert len(sandbox.uid_range) == sandbox.workers
+    return [pid for uid in sandbox.uid_range for pid in uid_processes(uid)]
 
 
 def leftover_dirs() -> set[str]:

@@ -18,6 +18,7 @@ per run), and everything left running under that uid or group is killed when the
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -125,6 +126,7 @@ class Job:
 
 
 _announced: set[str] = set()
+_blocks, _blocks_lock = itertools.count(), threading.Lock()
 _probed: dict[tuple, str] = {}
 
 
@@ -148,8 +150,8 @@ class Sandbox:
         workers: runs at once (default: the CPU cores this process may use).
         python: the interpreter for programs (default: the trainer's base interpreter, without its
             site-packages); under ``rlimits`` as root it must be reachable by an unprivileged uid.
-        first_uid: runs use uids ``first_uid .. first_uid + workers - 1`` when the trainer is root; keep
-            them free of other processes.
+        first_uid: when the trainer is root, runs use uids from ``first_uid + 1000 * LOCAL_RANK`` on, a block
+            of ``workers`` per sandbox; keep that range free of other processes.
     """
 
     def __init__(self, isolation: str = "auto", limits: Limits | None = None, workers: int | None = None,
@@ -164,9 +166,8 @@ class Sandbox:
         if not os.access(self.python, os.X_OK):
             raise SandboxError(f"the sandbox interpreter {self.python!r} is not an executable file")
         self.root = os.getuid() == 0
-        self.uids: queue.Queue = queue.Queue()
-        for i in range(self.workers):
-            self.uids.put(first_uid + i if self.root else None)
+        self.first_uid = first_uid
+        self.uids = self._uid_queue()
         self.requested = isolation
         self._isolation: str | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -214,7 +215,9 @@ class Sandbox:
         except OSError as error:
             return str(error)
         if result.returncode != 0:
-            return f"a probe exited with {result.returncode}: {result.stderr.strip()[-300:]}"
+            hint = (f"; is {self.python} reachable by an unprivileged uid? set `python` to one that is (/usr/bin/python3)"
+                    if isolation == "rlimits" and self.root else "")
+            return f"a probe exited with {result.returncode}: {result.stderr.strip()[-300:]}{hint}"
         uid, _ = result.stdout.split()
         if self.root and int(uid) == 0:
             return "the probe still ran as root"
@@ -334,21 +337,26 @@ class Sandbox:
 
     def __getstate__(self):
         # Pools, queues and locks do not pickle (checkpoints, spawned workers): rebuild them on load.
-        state = self.__dict__.copy()
-        state["_pool"] = None
-        state["_lock"] = None
-        state["uids"] = [self.uids.get() for _ in range(self.workers)]
-        for uid in state["uids"]:
-            self.uids.put(uid)
-        return state
+        return {k: v for k, v in self.__dict__.items() if k not in ("_pool", "_lock", "uids")}
 
     def __setstate__(self, state):
-        uids = state.pop("uids")
         self.__dict__.update(state)
-        self._lock = threading.Lock()
-        self.uids = queue.Queue()
-        for uid in uids:
-            self.uids.put(uid)
+        self._pool, self._lock = None, threading.Lock()
+        self.uids = self._uid_queue()
+
+    def _uid_queue(self) -> queue.Queue:
+        """A uid per worker, never shared with another sandbox of this machine's ranks: a shared uid would
+        pool their process counts, and the cleanup after one run would kill another's program."""
+        with _blocks_lock:
+            block = next(_blocks)
+        base = self.first_uid + 1000 * int(os.environ.get("LOCAL_RANK", 0)) + block * self.workers
+        if block * self.workers + self.workers > 1000:
+            raise SandboxError("too many sandboxes in one process (their uids would reach the next rank's)")
+        self.uid_range = list(range(base, base + self.workers)) if self.root else []
+        uids: queue.Queue = queue.Queue()
+        for i in range(self.workers):
+            uids.put(base + i if self.root else None)
+        return uids
 
 
 def describe(isolation: str, root: bool) -> str:
@@ -356,7 +364,10 @@ def describe(isolation: str, root: bool) -> str:
     if isolation == "bwrap":
         return (f"code sandbox: bubblewrap (new network, PID, IPC, UTS and mount namespaces; read-only /usr and interpreter; "
                 f"tmpfs working dir), resource limits, {user}")
-    return f"code sandbox: resource limits and {user} only; programs can reach the network and see the host filesystem"
+    message = f"code sandbox: resource limits and {user} only; programs can reach the network and see the host filesystem"
+    if not root:
+        message += ", and, running as the trainer's user, could signal the trainer"
+    return message
 
 
 def sandbox_env() -> dict[str, str]:
