@@ -247,3 +247,10 @@ def test_each_named_dataset_reads_its_own_schema(tmp_path, tokenizer):
         assert verifier.score_many([r["correct"] for r in rows], [it["answer"] for it in items]) == [True] * len(rows)
     with pytest.raises(Exception, match="unknown keys"):
         PromptDataModule(test_path={"x": {"path": "a.jsonl", "answer_fields": "y"}}, tokenizer=tokenizer)
+
+
+def test_site_packages_is_a_choice():
+    answer = json.dumps({"inputs": [""], "outputs": ["1"]})
+    response = fenced("import sys\nprint(sys.flags.no_site)")
+    assert CodeVerifier(workers=1).score(response, answer)  # standard library only: no `site`
+    assert not CodeVerifier(workers=1, site_packages=True).score(response, answer)
