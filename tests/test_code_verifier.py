@@ -254,3 +254,22 @@ def test_site_packages_is_a_choice():
     response = fenced("import sys\nprint(sys.flags.no_site)")
     assert CodeVerifier(workers=1).score(response, answer)  # standard library only: no `site`
     assert not CodeVerifier(workers=1, site_packages=True).score(response, answer)
+
+
+@pytest.mark.parametrize("config", ["opd", "opsd", "trd", "trd_opsd", "smollm2_trd"])
+def test_code_configs_parse(config):
+    """Every code config parses, uses the code templates and CodeVerifier, and names its test sets."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    printed = subprocess.run([sys.executable, "-m", "trd_lightning.cli", "fit", "--config", f"configs/code/{config}.yaml", "--print_config"],
+                             capture_output=True, text=True, check=True, cwd=root).stdout
+    parsed = yaml.safe_load(printed)
+    assert parsed["model"]["init_args"]["verifier"]["class_path"] == "trd_lightning.verifiers.CodeVerifier"
+    assert "math" not in printed.replace("math_verify", "")
+    tests = parsed["data"]["init_args"]["test_path"]
+    assert {"humaneval_plus", "mbpp_plus"} <= set(tests) and any(name.startswith("livecodebench") for name in tests)
