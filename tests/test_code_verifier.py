@@ -273,3 +273,17 @@ def test_code_configs_parse(config):
     assert "math" not in printed.replace("math_verify", "")
     tests = parsed["data"]["init_args"]["test_path"]
     assert {"humaneval_plus", "mbpp_plus"} <= set(tests) and any(name.startswith("livecodebench") for name in tests)
+
+
+def test_tests_passed_is_reported_beside_avg_and_pass(verifier):
+    from trd_lightning.metrics import SampledAccuracy
+
+    tests = json.dumps({"inputs": ["1\n", "2\n", "3\n", "4\n"], "outputs": ["1\n", "4\n", "9\n", "4\n"]})
+    verdicts, fractions = verifier.grade_many([fenced("x = int(input())\nprint(x * x)"), "no code"], [tests, tests])
+    assert verdicts == [False, False] and fractions == [0.75, 0.0]
+    metric = SampledAccuracy(n=2, ks=[1])
+    metric.update([0], fractions)
+    assert float(metric.compute()["tests_passed"]) == pytest.approx(0.375)
+    math_like = SampledAccuracy(n=2, ks=[1])
+    math_like.update([1])
+    assert "tests_passed" not in math_like.compute()  # only verifiers that run tests report it

@@ -38,6 +38,10 @@ class Verifier(ABC):
         """``score`` of each pair; verifiers with slow checks run them concurrently."""
         return [self.score(r, a) for r, a in zip(responses, answers)]
 
+    def grade_many(self, responses: list[str], answers: list[str]) -> tuple[list[bool], list[float] | None]:
+        """Verdicts and, for verifiers that run tests, the fraction of each row's tests passed (else None)."""
+        return self.score_many(responses, answers), None
+
 
 class ExactMatch(Verifier):
     """The last match of ``pattern``'s first group, compared with the answer as stripped strings.
@@ -166,6 +170,10 @@ class CodeVerifier(Verifier):
 
     def score_many(self, responses: list[str], answers: list[str]) -> list[bool]:
         return [v.passed for v in self.verdicts(responses, answers)]
+
+    def grade_many(self, responses: list[str], answers: list[str]) -> tuple[list[bool], list[float] | None]:
+        verdicts = self.verdicts(responses, answers)
+        return [v.passed for v in verdicts], [v.fraction for v in verdicts]
 
     def verdicts(self, responses: list[str], answers: list[str]) -> list[CodeVerdict]:
         """Every test of every response, through the sandbox's worker pool at once."""
