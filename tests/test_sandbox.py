@@ -225,3 +225,24 @@ def test_printing_1_gb_is_truncated(sandbox):
 def test_a_batch_of_runs_goes_through_the_pool(sandbox):
     results = sandbox.run_many([Job({"main.py": f"print({i} * {i})"}, ["{python}", "-I", "main.py"]) for i in range(6)])
     assert [r.stdout.strip() for r in results] == [str(i * i) for i in range(6)]
+
+
+def test_auto_falls_back_to_rlimits_and_says_which(monkeypatch, caplog):
+    import logging
+
+    import trd_lightning.sandbox as module
+
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if python is None:
+        pytest.skip("needs /usr/bin/python3 for the rlimits fallback")
+    monkeypatch.setattr(module, "bwrap_binary", lambda: None)  # as on a machine without bwrap
+    monkeypatch.setattr(module, "_probed", {})
+    monkeypatch.setattr(module, "_announced", set())
+    with caplog.at_level(logging.INFO):
+        sandbox = Sandbox("auto", LIMITS, workers=1, python=python)
+        assert sandbox.isolation == "rlimits"
+        Sandbox("auto", LIMITS, workers=1, python=python).isolation  # a second sandbox: no second message
+    messages = [r.getMessage() for r in caplog.records if "code sandbox" in r.getMessage()]
+    assert len(messages) == 1 and "can reach the network" in messages[0] and "bwrap unavailable: no bwrap binary" in messages[0]
+    with pytest.raises(SandboxError, match="bwrap unavailable"):
+        Sandbox("bwrap", LIMITS, workers=1).isolation
