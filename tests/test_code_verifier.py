@@ -287,3 +287,35 @@ def test_tests_passed_is_reported_beside_avg_and_pass(verifier):
     math_like = SampledAccuracy(n=2, ks=[1])
     math_like.update([1])
     assert "tests_passed" not in math_like.compute()  # only verifiers that run tests report it
+
+
+def test_the_code_config_trains_and_tests_through_trd(tmp_path, monkeypatch):
+    """configs/code/smollm2_trd.yaml with tiny random models in place of SmolLM2: a TRD step through `trd fit`
+    and `trd test` results per code dataset. The tiny models write no program, so nothing runs in the sandbox
+    here; tests/test_code_real_model.py has SmolLM2 write real code."""
+    from pathlib import Path
+
+    from trd_lightning.cli import main
+
+    import yaml
+
+    from tests.conftest import save_tiny_model
+
+    # Byte-level tiny models: code prompts take many tokens, so a longer context than the shared fixtures'.
+    student_dir = save_tiny_model(tmp_path / "student", seed=1, max_position_embeddings=2048)
+    teacher_dir = save_tiny_model(tmp_path / "teacher", seed=2, max_position_embeddings=2048)
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    config = yaml.safe_load(Path("configs/code/smollm2_trd.yaml").read_text())
+    config["model"]["init_args"]["student"] = {"path": student_dir}
+    config["model"]["init_args"]["teacher"]["init_args"]["model"] = {"path": teacher_dir}
+    (tmp_path / "code.yaml").write_text(yaml.safe_dump(config))
+    common = ["--config", str(tmp_path / "code.yaml"),
+              "--model.init_args.max_context_tokens=2048", "--data.init_args.max_prompt_tokens=1024",
+              "--model.init_args.sampling.max_new_tokens=8", "--model.init_args.refiner.init_args.sampling.max_new_tokens=8",
+              "--model.init_args.eval_sampling.max_new_tokens=8", f"--trainer.logger.init_args.save_dir={tmp_path}",
+              "--trainer.enable_progress_bar=false"]
+    main(["fit", *common, "--trainer.max_steps=1"])
+    main(["test", *common])
+    results = json.loads((tmp_path / "code_smollm2_trd" / "version_1" / "results.json").read_text())["results"]
+    assert {(r["dataset"], r["who"]) for r in results} == {(d, w) for d in ("humaneval_plus", "mbpp_plus", "livecodebench") for w in ("student", "teacher")}
+    assert all("tests_passed" in r and r["avg@2"] == 0.0 for r in results)  # random tiny models write no program
