@@ -319,3 +319,9 @@ def test_the_code_config_trains_and_tests_through_trd(tmp_path, monkeypatch):
     results = json.loads((tmp_path / "code_smollm2_trd" / "version_1" / "results.json").read_text())["results"]
     assert {(r["dataset"], r["who"]) for r in results} == {(d, w) for d in ("humaneval_plus", "mbpp_plus", "livecodebench") for w in ("student", "teacher")}
     assert all("tests_passed" in r and r["avg@2"] == 0.0 for r in results)  # random tiny models write no program
+
+
+def test_unicode_programs_and_outputs(verifier):
+    answer = json.dumps({"inputs": ["naïve ✓\n"], "outputs": ["NAÏVE ✓ → ok\n"]})
+    assert verifier.score(fenced("# élan: upper-case the line\nprint(input().upper(), '→ ok')"), answer)
+    assert not verifier.score(fenced("print('\udcff')"), answer)  # a lone surrogate fails the test, nothing crashes

@@ -244,11 +244,11 @@ class Sandbox:
             for name, text in job.files.items():
                 if "/" in name or name.startswith("."):
                     raise ValueError(f"sandbox file names are plain names (got {name!r})")
-                Path(host_dir, name).write_text(text)
+                Path(host_dir, name).write_bytes(text.encode("utf-8", "replace"))  # whatever the trainer's locale
             stdin_file = None
             if job.stdin is not None:
                 stdin_path = Path(tempfile.mkdtemp(prefix="trd-stdin-")) / "stdin"
-                stdin_path.write_text(job.stdin)
+                stdin_path.write_bytes(job.stdin.encode("utf-8", "replace"))
                 stdin_file = open(stdin_path, "rb")
                 stdin_path.unlink()
                 stdin_path.parent.rmdir()
