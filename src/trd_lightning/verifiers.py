@@ -134,7 +134,7 @@ class CodeVerifier(Verifier):
     EvalPlus).
 
     Args:
-        isolation: ``auto`` (the strongest that works here), ``bwrap`` or ``rlimits``; logged once.
+        isolation: ``auto`` (the strongest that works here), ``bwrap``, ``unshare`` or ``rlimits``; logged once.
         limits: per-run limits (CPU, wall clock, memory, file size, processes, output).
         workers: sandbox runs at once (default: the cores this process may use).
         python: the interpreter that runs programs (default: the trainer's base interpreter, not its venv).
