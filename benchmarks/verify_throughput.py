@@ -66,7 +66,7 @@ def main():
     expected = [i % 4 != 3 for i in range(args.responses)]
     runs = args.responses * args.tests
     print(f"{args.responses} responses x {args.tests} stdin/stdout tests = {runs} runs, {args.workers} workers, {os.cpu_count()} cores")
-    for isolation in ("bwrap", "rlimits"):
+    for isolation in ("bwrap", "unshare", "rlimits"):
         try:
             verifier = CodeVerifier(isolation=isolation, limits=Limits(), workers=args.workers)
             verifier.sandbox.isolation
