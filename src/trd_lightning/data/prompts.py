@@ -215,8 +215,8 @@ class PromptDataModule(LightningDataModule):
                 if column is None:
                     item[key] = None
                 elif isinstance(column, dict):
-                    item[key] = json.dumps({name: ([field_value(record, c, where, key) for c in path] if isinstance(path, list)
-                                                   else field_value(record, path, where, key)) for name, path in column.items()})
+                    item[key] = json.dumps({slot: ([field_value(record, c, where, key) for c in columns] if isinstance(columns, list)
+                                                   else field_value(record, columns, where, key)) for slot, columns in column.items()})
                 else:
                     value = field_value(record, column, where, key)
                     item[key] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
@@ -271,7 +271,10 @@ def lookup(record: dict, path: str):
     if head is None or head[0] not in record:
         return None
     value, rest = record[head[0]], path[head.end():]
-    for step in _STEP.finditer(rest):
+    steps = list(_STEP.finditer(rest))
+    if "".join(step[0] for step in steps) != rest:
+        return None  # not a path this reads: reported as a missing field
+    for step in steps:
         if isinstance(value, str):
             try:
                 value = json.loads(value)
