@@ -325,3 +325,9 @@ def test_unicode_programs_and_outputs(verifier):
     answer = json.dumps({"inputs": ["naïve ✓\n"], "outputs": ["NAÏVE ✓ → ok\n"]})
     assert verifier.score(fenced("# élan: upper-case the line\nprint(input().upper(), '→ ok')"), answer)
     assert not verifier.score(fenced("print('\udcff')"), answer)  # a lone surrogate fails the test, nothing crashes
+
+
+def test_a_training_row_without_tests_fails_without_stopping(verifier):
+    with pytest.warns(UserWarning, match="cannot be read"):
+        verdict, = verifier.verdicts([fenced(SUM_STDIN)], [json.dumps({"inputs": [], "outputs": []})])
+    assert (verdict.passed, verdict.fraction, verdict.tests) == (False, 0.0, 0)

@@ -177,11 +177,18 @@ class CodeVerifier(Verifier):
 
     def verdicts(self, responses: list[str], answers: list[str]) -> list[CodeVerdict]:
         """Every test of every response, through the sandbox's worker pool at once."""
-        from trd_lightning.code_tests import jobs, parse_tests, passed
+        from trd_lightning.code_tests import BadTestsError, jobs, parse_tests, passed
 
         runs, owners, counts = [], [], []
         for r, (response, answer) in enumerate(zip(responses, answers)):
-            tests = parse_tests(str(answer))
+            try:
+                tests = parse_tests(str(answer))
+            except BadTestsError as error:
+                # Evaluation sets are checked before any compute; a training row without usable tests (TACO has
+                # some) must not stop training over a diagnostic: it counts as failed, and is reported once.
+                _warn_once(f"a row's tests cannot be read ({error}); responses to such rows count as failed")
+                counts.append(0)
+                continue
             counts.append(len(tests))
             program = self.extract(response)
             if program is None:
@@ -192,4 +199,15 @@ class CodeVerifier(Verifier):
         good = [0] * len(responses)
         for job, result, r in zip(runs, self.sandbox.run_many(runs), owners):
             good[r] += passed(job, result, self.float_tolerance)
-        return [CodeVerdict(g == n, g / n, n) for g, n in zip(good, counts)]
+        return [CodeVerdict(n > 0 and g == n, g / n if n else 0.0, n) for g, n in zip(good, counts)]
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(message)
