@@ -23,7 +23,7 @@ PLUGINS = (
     "refiners: trd_lightning.refiners.Identity | TeacherRewrite; "
     "divergence: trd_lightning.losses.Divergence; "
     "engines: trd_lightning.rollout.HFEngine; "
-    "verifiers: trd_lightning.verifiers.ExactMatch | MathVerifier; "
+    "verifiers: trd_lightning.verifiers.ExactMatch | MathVerifier | CodeVerifier; "
     "data: trd_lightning.data.PromptDataModule, trd_lightning.data.sft.SFTDataModule, trd_lightning.data.chain_sft.ChainSFTData; "
     "models: trd_lightning.module.DistillationModule, trd_lightning.sft.SFTModule"
 )

@@ -47,17 +47,21 @@ class EvaluationMixin:
         """``val/student`` for a single dataset, ``val/<dataset>/student`` for several."""
         return f"{stage}/{who}" if len(self.eval_datasets[stage]) == 1 else f"{stage}/{dataset}/{who}"
 
-    def correct_per_problem(self, batch: PromptBatch, rollouts: Rollouts) -> list[int]:
-        """How many of each real (not padding) problem's completions are right."""
+    def correct_per_problem(self, batch: PromptBatch, rollouts: Rollouts) -> tuple[list[int], list[float] | None]:
+        """How many of each real (not padding) problem's completions are right, verified as one batch; and,
+        for a verifier that runs tests, the fraction of tests each of those completions passed."""
         counts = [0] * len(batch)
-        for i, text in zip(rollouts.prompt_index, rollouts.texts):
-            counts[i] += int(self.verifier.score(text, batch.answer[i]))
+        verdicts, fractions = self.verifier.grade_many(rollouts.texts, [batch.answer[i] for i in rollouts.prompt_index])
+        for i, correct in zip(rollouts.prompt_index, verdicts):
+            counts[i] += int(correct)
         padding = batch.padding or [False] * len(batch)
-        return [c for c, pad in zip(counts, padding) if not pad]
+        if fractions is not None:
+            fractions = [f for i, f in zip(rollouts.prompt_index, fractions) if not padding[i]]
+        return [c for c, pad in zip(counts, padding) if not pad], fractions
 
     def score(self, stage: str, dataloader_idx: int, who: str, batch: PromptBatch, rollouts: Rollouts) -> None:
         key = self.metric_key(stage, self.dataset_name(stage, dataloader_idx), who)
-        self.metrics[key].update(self.correct_per_problem(batch, rollouts))
+        self.metrics[key].update(*self.correct_per_problem(batch, rollouts))
 
     def evaluated_in(self, stage: str) -> tuple[str, ...]:
         """Who produces completions in this stage; the same on every rank, since computing a metric is a collective."""

@@ -22,7 +22,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 class SampledAccuracy(Metric):
-    """Over problems with n verified samples each: Avg@n (mean share correct) and Pass@k per k.
+    """Over problems with n verified samples each: Avg@n (mean share correct) and Pass@k per k, and, when
+    the verifier grades tests (code), ``tests_passed``: the mean fraction of a row's tests a sample passed.
 
     States are sums and a count, so the DDP reduction (a sum) gives the exact global mean.
     """
@@ -37,8 +38,10 @@ class SampledAccuracy(Metric):
         self.add_state("avg_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("pass_sum", default=torch.zeros(len(self.ks), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("problems", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("tests_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("tests_count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, correct_per_problem: Sequence[int]) -> None:
+    def update(self, correct_per_problem: Sequence[int], tests_passed: Sequence[float] | None = None) -> None:
         counts = [int(c) for c in correct_per_problem]
         if any(not 0 <= c <= self.n for c in counts):
             raise ValueError(f"a problem's correct count must be in [0, {self.n}] (got {counts})")
@@ -48,6 +51,9 @@ class SampledAccuracy(Metric):
         self.avg_sum = self.avg_sum + sum(counts) / self.n
         self.pass_sum = self.pass_sum + passes.sum(0)
         self.problems = self.problems + len(counts)
+        if tests_passed is not None:  # per sample, a diagnostic
+            self.tests_sum = self.tests_sum + float(sum(tests_passed))
+            self.tests_count = self.tests_count + len(tests_passed)
 
     def compute(self) -> dict[str, torch.Tensor]:
         """Avg@n, Pass@k per k, and the number of problems, over every process."""
@@ -55,4 +61,6 @@ class SampledAccuracy(Metric):
         out = {"problems": self.problems.clone(), f"avg@{self.n}": (self.avg_sum / count).float()}
         for i, k in enumerate(self.ks):
             out[f"pass@{k}"] = (self.pass_sum[i] / count).float()
+        if self.tests_count > 0:  # the same on every process: the states are already reduced
+            out["tests_passed"] = (self.tests_sum / self.tests_count).float()
         return out

@@ -533,16 +533,21 @@ class DistillationModule(EvaluationMixin, LightningModule):
 
     # -- step metrics --------------------------------------------------------------------------------
     def record_targets(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets, record: StepRecord) -> None:
-        """Per rollout: its length, cut-off, correctness; and, where the target is a rewrite, the rewrite's."""
-        for r, (ids, text) in enumerate(zip(rollouts.token_ids, rollouts.texts)):
-            answer = batch.answer[rollouts.prompt_index[r]]
-            refined = targets.refined[r]
+        """Per rollout: its length, cut-off, correctness; and, where the target is a rewrite, the rewrite's. Each set
+        of responses is verified in one call (a code verifier runs their tests concurrently)."""
+        answers = [batch.answer[i] for i in rollouts.prompt_index]
+        refined = [r for r in range(len(rollouts)) if targets.refined[r]]
+        y_o_correct, y_o_tests = self.verifier.grade_many(rollouts.texts, answers)
+        y_r_correct = dict(zip(refined, self.verifier.score_many([targets.texts[r] for r in refined], [answers[r] for r in refined])))
+        for r, ids in enumerate(rollouts.token_ids):
             values = {
-                "y_o_length": len(ids), "y_o_truncated": rollouts.truncated[r], "y_o_correct": self.verifier.score(text, answer),
-                "refined": refined, "fallback": targets.fallback[r], "target_length": len(targets.token_ids[r]),
-                "y_r_correct": refined and self.verifier.score(targets.texts[r], answer),
-                "edit_similarity": Levenshtein.normalized_similarity(ids, targets.token_ids[r]) if refined else 0.0,
+                "y_o_length": len(ids), "y_o_truncated": rollouts.truncated[r], "y_o_correct": y_o_correct[r],
+                "refined": targets.refined[r], "fallback": targets.fallback[r], "target_length": len(targets.token_ids[r]),
+                "y_r_correct": y_r_correct.get(r, False),
+                "edit_similarity": Levenshtein.normalized_similarity(ids, targets.token_ids[r]) if targets.refined[r] else 0.0,
             }
+            if y_o_tests is not None:
+                values["y_o_tests_passed"] = y_o_tests[r]
             for name, value in values.items():
                 record.rows[name].append(float(value))
 

@@ -75,6 +75,7 @@ def step_metrics(record: StepRecord, threshold: float, target_name: str) -> dict
     out["rollout/length"] = mean(rows["y_o_length"])
     out["rollout/truncated"] = mean(rows["y_o_truncated"])
     out["rollout/accuracy"] = mean(rows["y_o_correct"])
+    out["rollout/tests_passed"] = mean(rows.get("y_o_tests_passed", []))  # verifiers that run tests (code)
     gaps = record.token_values("logprob_gap")
     if gaps is not None and len(gaps):
         out["rollout/logprob_gap_mean"], out["rollout/logprob_gap_max"] = float(gaps.mean()), float(gaps.max())

@@ -1,10 +1,14 @@
-"""Verifiers: does a response state the reference answer? Used for metrics, never in the loss."""
+"""Verifiers: does a response state the reference answer (math), or does its program pass the tests (code)?
+Used for metrics and for accepting rewrites, never in the loss."""
 
 from __future__ import annotations
 
 import functools
-from abc import ABC, abstractmethod
 import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from trd_lightning.sandbox import Limits, Sandbox
 
 
 class AnswerParseError(ValueError):
@@ -29,6 +33,14 @@ class Verifier(ABC):
     def score(self, response: str, answer: str) -> bool:
         predicted = self.extract(response)
         return predicted is not None and self.equal(predicted, answer)
+
+    def score_many(self, responses: list[str], answers: list[str]) -> list[bool]:
+        """``score`` of each pair; verifiers with slow checks run them concurrently."""
+        return [self.score(r, a) for r, a in zip(responses, answers)]
+
+    def grade_many(self, responses: list[str], answers: list[str]) -> tuple[list[bool], list[float] | None]:
+        """Verdicts and, for verifiers that run tests, the fraction of each row's tests passed (else None)."""
+        return self.score_many(responses, answers), None
 
 
 class ExactMatch(Verifier):
@@ -104,3 +116,98 @@ class MathVerifier(Verifier):
         # A parse that yields only strings fell back to raw text: nothing math-verify can compare.
         if not any(not isinstance(value, str) for value in self._gold(answer)):
             raise AnswerParseError(f"math-verify cannot parse the reference answer {answer!r}")
+
+
+@dataclass
+class CodeVerdict:
+    """A program's result on a row's tests: ``passed`` when every test passed; ``fraction`` is diagnostic."""
+
+    passed: bool
+    fraction: float
+    tests: int
+
+
+class CodeVerifier(Verifier):
+    """Runs the program of a response (its last fenced code block) against the row's tests, each test in
+    its own sandbox run (``trd_lightning.sandbox``); a response passes when every test passes. The row's
+    ``answer`` holds the tests (``trd_lightning.code_tests`` lists the forms read: TACO, LiveCodeBench,
+    EvalPlus).
+
+    Args:
+        isolation: ``auto`` (the strongest that works here), ``bwrap``, ``unshare`` or ``rlimits``; logged once.
+        limits: per-run limits (CPU, wall clock, memory, file size, processes, output).
+        workers: sandbox runs at once (default: the cores this process may use).
+        python: the interpreter that runs programs (default: the trainer's base interpreter, not its venv).
+        site_packages: let programs import the interpreter's site-packages (numpy, ...); off, they have the
+            standard library only and each run starts without ``site`` (several times faster).
+        float_tolerance: numbers in outputs are equal within this relative or absolute difference.
+    """
+
+    def __init__(self, isolation: str = "auto", limits: Limits | None = None, workers: int | None = None,
+                 python: str | None = None, site_packages: bool = False, float_tolerance: float = 1e-6):
+        self.sandbox = Sandbox(isolation, limits, workers, python)
+        self.site_packages = site_packages
+        self.float_tolerance = float_tolerance
+
+    def extract(self, response: str) -> str | None:
+        from trd_lightning.code_tests import extract_program
+
+        return extract_program(response)
+
+    def equal(self, predicted: str, answer: str) -> bool:
+        return self.verdicts([f"```python\n{predicted}\n```"], [answer])[0].passed
+
+    def check_answer(self, answer: str) -> None:
+        from trd_lightning.code_tests import BadTestsError, parse_tests
+
+        try:
+            parse_tests(str(answer))
+        except BadTestsError as error:
+            raise AnswerParseError(str(error)) from None
+
+    def score(self, response: str, answer: str) -> bool:
+        return self.verdicts([response], [answer])[0].passed
+
+    def score_many(self, responses: list[str], answers: list[str]) -> list[bool]:
+        return [v.passed for v in self.verdicts(responses, answers)]
+
+    def grade_many(self, responses: list[str], answers: list[str]) -> tuple[list[bool], list[float] | None]:
+        verdicts = self.verdicts(responses, answers)
+        return [v.passed for v in verdicts], [v.fraction for v in verdicts]
+
+    def verdicts(self, responses: list[str], answers: list[str]) -> list[CodeVerdict]:
+        """Every test of every response, through the sandbox's worker pool at once."""
+        from trd_lightning.code_tests import BadTestsError, jobs, parse_tests, passed
+
+        runs, owners, counts = [], [], []
+        for r, (response, answer) in enumerate(zip(responses, answers)):
+            try:
+                tests = parse_tests(str(answer))
+            except BadTestsError as error:
+                # Evaluation sets are checked before any compute; a training row without usable tests (TACO has
+                # some) must not stop training over a diagnostic: it counts as failed, and is reported once.
+                _warn_once(f"a row's tests cannot be read ({error}); responses to such rows count as failed")
+                counts.append(0)
+                continue
+            counts.append(len(tests))
+            program = self.extract(response)
+            if program is None:
+                continue
+            for job in jobs(program, tests, self.site_packages):
+                runs.append(job)
+                owners.append(r)
+        good = [0] * len(responses)
+        for job, result, r in zip(runs, self.sandbox.run_many(runs), owners):
+            good[r] += passed(job, result, self.float_tolerance)
+        return [CodeVerdict(n > 0 and g == n, g / n if n else 0.0, n) for g, n in zip(good, counts)]
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(message)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -120,9 +121,17 @@ class PromptDataModule(LightningDataModule):
     Args:
         train_path: a local ``.jsonl`` or ``.parquet`` file.
         val_path / test_path: one such file, or several as ``{name: path}``; metrics are then
-            reported per dataset, as ``val/<name>/...``.
-        problem_field / answer_field / solution_field: column names; set ``solution_field: null``
-            when the data has no reference solutions (OPSD and reference-based refining need them).
+            reported per dataset, as ``val/<name>/...``. A dataset in its own schema gives a mapping instead
+            of the path: ``{path: ..., problem_field: ..., answer_field: ..., solution_field: ...,
+            starter_field: ..., prompt_template: ...}``, each key overriding the module's setting.
+        problem_field / answer_field / solution_field: where each comes from in a row: a column name, or a
+            path into a column that holds JSON or nested data (``solutions[0]``: the first element of the
+            ``solutions`` list). Set ``solution_field: null`` when the data has no reference solutions (OPSD
+            and reference-based refining need them). ``answer_field`` may also map names to columns
+            (``{tests: input_output}``; a list of columns gives a list of values): the answer is then that
+            JSON object, which is how code rows carry their tests (``trd_lightning.code_tests``).
+        starter_field: a column with code the solution must start from (a signature, a class skeleton); when
+            the row has one, the student's problem text ends with it in a code block.
         prompt_template: the student's user message (a built-in name, a file, or text with ``{problem}``).
         max_prompt_tokens: a longer student prompt is an error at setup, naming the row.
         batch_size: prompts per process per optimizer step (a batch is one step: its rollouts are sampled in
@@ -136,11 +145,12 @@ class PromptDataModule(LightningDataModule):
     def __init__(
         self,
         train_path: str | None = None,
-        val_path: str | dict[str, str] | None = None,
-        test_path: str | dict[str, str] | None = None,
+        val_path: str | dict[str, str | dict] | None = None,
+        test_path: str | dict[str, str | dict] | None = None,
         problem_field: str = "problem",
-        answer_field: str = "answer",
+        answer_field: str | dict[str, str | list[str]] = "answer",
         solution_field: str | None = "solution",
+        starter_field: str | None = None,
         prompt_template: str = "math_student",
         system_prompt: str | None = None,
         max_prompt_tokens: int = 1024,
@@ -157,8 +167,15 @@ class PromptDataModule(LightningDataModule):
             raise ValueError(f"data eval_batch_size must be > 0 (got {eval_batch_size})")
         if max_prompt_tokens <= 0:
             raise ValueError(f"data max_prompt_tokens must be > 0 (got {max_prompt_tokens})")
-        self.paths = {split: named_paths(path, split) for split, path in (("train", train_path), ("val", val_path), ("test", test_path))}
+        self.paths, self.overrides = {}, {}
+        for split, path in (("train", train_path), ("val", val_path), ("test", test_path)):
+            self.paths[split] = {}
+            for name, spec in named_paths(path, split).items():
+                self.paths[split][name], self.overrides[(split, name)] = dataset_spec(spec, f"{split}_path {name!r}")
+        if isinstance(answer_field, dict) and not answer_field:
+            raise ValueError("data answer_field is an empty mapping; map at least one name to a column")
         self.fields = {PROBLEM: problem_field, "answer": answer_field, SOLUTION: solution_field}
+        self.starter_field = starter_field
         self.template = Template(prompt_template, "data prompt_template").require(PROBLEM)
         self.system_prompt = system_prompt
         self.max_prompt_tokens = max_prompt_tokens
@@ -171,7 +188,12 @@ class PromptDataModule(LightningDataModule):
 
     @property
     def has_solutions(self) -> bool:
-        return self.fields[SOLUTION] is not None
+        return self.dataset_fields("train", "train")[SOLUTION] is not None
+
+    def dataset_fields(self, split: str, name: str) -> dict:
+        """Where problem, answer and solution come from in this dataset (its overrides, else the module's)."""
+        overrides = self.overrides.get((split, name), {})
+        return {key: overrides.get(f"{key}_field", column) for key, column in self.fields.items()}
 
     def dataset_names(self, split: str) -> list[str]:
         return list(self.paths[split])
@@ -187,6 +209,10 @@ class PromptDataModule(LightningDataModule):
         if self.tokenizer is None:
             raise DataError("the data module needs the student's tokenizer (the CLI links it; pass `tokenizer=` in code)")
         prompts = ChatPrompts(self.tokenizer, self.system_prompt)
+        overrides = self.overrides.get((split, name), {})
+        fields = self.dataset_fields(split, name)
+        starter_field = overrides.get("starter_field", self.starter_field)
+        template = Template(overrides["prompt_template"], f"{split}_path {name!r} prompt_template").require(PROBLEM) if "prompt_template" in overrides else self.template
         records = read_records(path)
         if not records:
             raise DataError(f"{split} data {path!r} is empty: it needs at least one problem")
@@ -194,19 +220,20 @@ class PromptDataModule(LightningDataModule):
         for i, record in enumerate(records):
             where = f"{path}:{record['_line']}" if "_line" in record else f"{path} row {i}"
             item = {"index": i, "source": where}
-            for key, column in self.fields.items():
+            for key, column in fields.items():
                 if column is None:
                     item[key] = None
-                    continue
-                if column not in record or record[column] is None:
-                    present = ", ".join(k for k in record if k != "_line")
-                    raise DataError(
-                        f"{where}: missing the field {column!r} (set by `{key}_field`); the row has: {present}"
-                        + ("; set `solution_field: null` if the data has no reference solutions" if key == SOLUTION else "")
-                    )
-                item[key] = str(record[column])
+                elif isinstance(column, dict):
+                    item[key] = json.dumps({slot: ([field_value(record, c, where, key) for c in columns] if isinstance(columns, list)
+                                                   else field_value(record, columns, where, key)) for slot, columns in column.items()})
+                else:
+                    value = field_value(record, column, where, key)
+                    item[key] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+            starter = lookup(record, starter_field) if starter_field else None
+            if isinstance(starter, str) and starter.strip():
+                item[PROBLEM] = STARTER.format(problem=item[PROBLEM], starter=starter.strip("\n"))
             try:
-                item["prompt_ids"] = prompts.encode(self.template, self.max_prompt_tokens, problem=item[PROBLEM])
+                item["prompt_ids"] = prompts.encode(template, self.max_prompt_tokens, problem=item[PROBLEM])
             except PromptTooLongError as error:
                 raise DataError(f"{where}: {error} (`max_prompt_tokens` on the data module)") from None
             items.append(item)
@@ -246,12 +273,69 @@ class PromptDataModule(LightningDataModule):
         return self.eval_dataloaders("test")
 
 
-def named_paths(path: str | dict[str, str] | None, split: str) -> dict[str, str]:
+STARTER = "{problem}\n\nYour solution must start from this code:\n```python\n{starter}\n```"
+_STEP = re.compile(r"\.([^.\[\]]+)|\[(-?\d+)\]")
+
+
+def lookup(record: dict, path: str):
+    """A row's value at ``path``: a column, or a column followed by ``[index]`` / ``.key`` steps into its
+    data (a column holding JSON text is decoded first). None when absent."""
+    if path in record:
+        return record[path]
+    head = re.match(r"[^.\[\]]+", path)
+    if head is None or head[0] not in record:
+        return None
+    value, rest = record[head[0]], path[head.end():]
+    steps = list(_STEP.finditer(rest))
+    if "".join(step[0] for step in steps) != rest:
+        return None  # not a path this reads: reported as a missing field
+    for step in steps:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                return None
+        key, index = step.groups()
+        try:
+            value = value[int(index)] if index is not None else value[key]
+        except (IndexError, KeyError, TypeError):
+            return None
+    return value
+
+
+def field_value(record: dict, path: str, where: str, key: str):
+    value = lookup(record, path)
+    if value is None:
+        present = ", ".join(k for k in record if k != "_line")
+        raise DataError(
+            f"{where}: missing the field {path!r} (set by `{key}_field`); the row has: {present}"
+            + ("; set `solution_field: null` if the data has no reference solutions" if key == SOLUTION else "")
+        )
+    return value
+
+
+DATASET_KEYS = ("path", "problem_field", "answer_field", "solution_field", "starter_field", "prompt_template")
+
+
+def dataset_spec(spec: str | dict, where: str) -> tuple[str, dict]:
+    """A dataset's path and its field overrides."""
+    if isinstance(spec, str):
+        return spec, {}
+    if not isinstance(spec, dict) or "path" not in spec:
+        raise DataError(f"{where} must be a path or a mapping with a `path` (got {spec!r})")
+    unknown = sorted(set(spec) - set(DATASET_KEYS))
+    if unknown:
+        raise DataError(f"{where}: unknown keys {unknown}; a dataset may set {list(DATASET_KEYS)}")
+    overrides = {k: v for k, v in spec.items() if k != "path"}
+    return spec["path"], overrides
+
+
+def named_paths(path: str | dict | None, split: str) -> dict:
     """``{name: path}`` for a split: a single path is named after the split."""
     if path is None:
         return {}
-    if isinstance(path, str):
-        return {split: path}
+    if isinstance(path, str) or (isinstance(path, dict) and isinstance(path.get("path"), str) and set(path) <= set(DATASET_KEYS)):
+        return {split: path}  # one dataset, unnamed
     if not path:
         raise DataError(f"{split}_path is an empty mapping; give at least one dataset or null")
     return dict(path)

@@ -76,7 +76,7 @@ class TeacherRewrite(Refiner):
         rows = list(range(len(rollouts)))
         if self.only_failed:
             answers = [batch.answer[i] for i in rollouts.prompt_index]
-            rows = [r for r in rows if not teacher.verifier.score(rollouts.texts[r], answers[r])]
+            rows = [r for r, correct in zip(rows, teacher.verifier.score_many(rollouts.texts, answers)) if not correct]
         prompts = self.refine_prompts(batch, rollouts, rows, teacher)
         rewrites = teacher.generate(prompts, self.sampling) if rows else None
         if rewrites is not None:

@@ -1,0 +1,333 @@
+"""CodeVerifier on small problems in the three schemas (TACO, LiveCodeBench, EvalPlus), read through
+PromptDataModule's field mappings: a correct solution passes, and each kind of wrong one fails."""
+
+from __future__ import annotations
+
+import base64
+import json
+import pickle
+import zlib
+
+import pytest
+
+from trd_lightning.code_tests import BadTestsError, parse_tests, same_output
+from trd_lightning.data import PromptDataModule
+from trd_lightning.sandbox import Limits
+from trd_lightning.verifiers import AnswerParseError, CodeVerifier
+
+
+def fenced(code: str) -> str:
+    return f"Here is my approach.\n\n```python\n{code.strip()}\n```\n"
+
+
+def lcb_compressed(cases: list[dict]) -> str:
+    return base64.b64encode(zlib.compress(pickle.dumps(json.dumps(cases)))).decode()
+
+
+SUM_STDIN = "a, b = map(int, input().split())\nprint(a + b)"
+TIMEOUT = "while True:\n    pass"
+
+# Each problem: a row in its dataset's own schema, a correct solution, and wrong ones by kind.
+TACO_ROWS = [
+    {
+        "question": "Read two integers and print their sum.",
+        "solutions": json.dumps([SUM_STDIN]),
+        "input_output": json.dumps({"inputs": ["1 2\n", "10 -3\n", "0 0\n"], "outputs": ["3\n", "7\n", "0\n"]}),
+        "starter_code": "",
+        "correct": fenced(SUM_STDIN),
+        "wrong": {
+            "wrong output": fenced("a, b = map(int, input().split())\nprint(a - b)"),
+            "exception": fenced("a, b = map(int, input().split())\nprint(a / 0)"),
+            "timeout": fenced(TIMEOUT),
+            "no code block": "The answer is a + b, printed.",
+        },
+    },
+    {
+        "question": "Return the third of x, as a float.",
+        "solutions": json.dumps(["def third(x):\n    return x / 3"]),
+        "input_output": json.dumps({"fn_name": "third", "inputs": [[1], [3], [10]], "outputs": [[0.3333333333], [1.0], [3.3333333333]]}),
+        "starter_code": "def third(x):",
+        "correct": fenced("def third(x):\n    return x / 3"),
+        "wrong": {
+            "wrong output": fenced("def third(x):\n    return x // 3"),
+            "exception": fenced("def third(x):\n    raise ValueError(x)"),
+            "timeout": fenced("def third(x):\n    while True:\n        pass"),
+            "wrong signature": fenced("def third(x, y):\n    return x / y"),
+            "wrong name": fenced("def one_third(x):\n    return x / 3"),
+            "no code block": "def third(x): return x / 3",
+        },
+    },
+]
+
+LCB_PUBLIC = [{"input": "3\n1 2 3\n", "output": "6\n", "testtype": "stdin"}]
+LCB_PRIVATE = [{"input": "2\n5 5\n", "output": "10\n", "testtype": "stdin"}, {"input": "1\n-4\n", "output": "-4\n", "testtype": "stdin"}]
+LCB_ROWS = [
+    {
+        "question_content": "Read n, then n integers; print their sum.",
+        "starter_code": "",
+        "public_test_cases": json.dumps(LCB_PUBLIC),
+        "private_test_cases": lcb_compressed(LCB_PRIVATE),
+        "metadata": "{}",
+        "correct": fenced("input()\nprint(sum(map(int, input().split())))"),
+        "wrong": {
+            "wrong output": fenced("input()\nprint(max(map(int, input().split())))"),
+            "exception": fenced("n = int(input())\nprint([][n])"),
+            "timeout": fenced("import time\ntime.sleep(60)"),
+            "no code block": "print(sum(...))",
+        },
+    },
+    {
+        "question_content": "Given nums, return the largest sum of two distinct elements.",
+        "starter_code": "class Solution:\n    def maxPair(self, nums: List[int]) -> int:\n        ",
+        "public_test_cases": json.dumps([{"input": "[1, 5, 3]", "output": "8", "testtype": "functional"}]),
+        "private_test_cases": json.dumps([{"input": "[2, 2]", "output": "4", "testtype": "functional"}]),
+        "metadata": json.dumps({"func_name": "maxPair"}),
+        "correct": fenced("from typing import List\nclass Solution:\n    def maxPair(self, nums: List[int]) -> int:\n        a, b = sorted(nums)[-2:]\n        return a + b"),
+        "wrong": {
+            "wrong output": fenced("class Solution:\n    def maxPair(self, nums):\n        return max(nums)"),
+            "exception": fenced("class Solution:\n    def maxPair(self, nums):\n        return nums[10]"),
+            "timeout": fenced("class Solution:\n    def maxPair(self, nums):\n        while True:\n            pass"),
+            "wrong signature": fenced("class Solution:\n    def maxPair(self, nums, k):\n        return sum(nums)"),
+            "no code block": "Sort and add the last two.",
+        },
+    },
+]
+
+HUMANEVAL_TEST = "def check(candidate):\n    assert candidate([1, 2, 3]) == 6\n    assert candidate([]) == 0\n    assert abs(candidate([0.5]) - 0.5) < 1e-9\n"
+MBPP_TEST = "inputs = [['abc'], ['']]\nresults = ['cba', '']\nfor inp, exp in zip(inputs, results):\n    assert reverse_string(*inp) == exp\n"
+EVALPLUS_ROWS = [
+    {
+        "task_id": "HumanEval/x",
+        "prompt": 'from typing import List\n\n\ndef total(xs: List[float]) -> float:\n    """The sum of xs."""\n',
+        "canonical_solution": "    return sum(xs)\n",
+        "entry_point": "total",
+        "test": HUMANEVAL_TEST,
+        # Uses `List` without importing it: the prompt's imports come with the prelude.
+        "correct": fenced("def total(xs: List[float]) -> float:\n    return sum(xs)"),
+        "wrong": {
+            "wrong output": fenced("def total(xs):\n    return len(xs)"),
+            "exception": fenced("def total(xs):\n    return xs[0]"),
+            "timeout": fenced("def total(xs):\n    while True:\n        pass"),
+            "wrong signature": fenced("def total(xs, start):\n    return sum(xs, start)"),
+            "no code block": "return sum(xs)",
+        },
+    },
+    {
+        "task_id": "Mbpp/x",
+        "prompt": '"""Write a function to reverse a string."""\n',
+        "canonical_solution": "def reverse_string(s):\n    return s[::-1]\n",
+        "entry_point": "reverse_string",
+        "test": MBPP_TEST,
+        "correct": fenced("def reverse_string(s):\n    return ''.join(reversed(s))"),
+        "wrong": {
+            "wrong output": fenced("def reverse_string(s):\n    return s"),
+            "exception": fenced("def reverse_string(s):\n    return s[0]"),
+            "timeout": fenced(TIMEOUT),
+            "wrong name": fenced("def reverse(s):\n    return s[::-1]"),
+            "no code block": "s[::-1]",
+        },
+    },
+]
+
+SCHEMAS = {
+    "taco": (TACO_ROWS, dict(problem_field="question", answer_field={"tests": "input_output"}, solution_field="solutions[0]",
+                             starter_field="starter_code", prompt_template="code_student")),
+    "livecodebench": (LCB_ROWS, dict(problem_field="question_content", solution_field=None, starter_field="starter_code",
+                                     answer_field={"tests": ["public_test_cases", "private_test_cases"], "fn_name": "metadata"},
+                                     prompt_template="code_student")),
+    "evalplus": (EVALPLUS_ROWS, dict(problem_field="prompt", solution_field="canonical_solution", prompt_template="code_function_student",
+                                     answer_field={"test": "test", "entry_point": "entry_point", "prelude": "prompt"})),
+}
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    return CodeVerifier(limits=Limits(cpu_seconds=2, wall_seconds=2.0, memory_mb=512), workers=2)
+
+
+def load(schema, tmp_path, tokenizer):
+    rows, fields = SCHEMAS[schema]
+    path = tmp_path / f"{schema}.jsonl"
+    path.write_text("".join(json.dumps({k: v for k, v in row.items() if k not in ("correct", "wrong")}) + "\n" for row in rows))
+    data = PromptDataModule(test_path={schema: str(path)}, tokenizer=tokenizer, max_prompt_tokens=1024, **fields)
+    return rows, list(data.prepare("test", schema)), tokenizer
+
+
+@pytest.mark.parametrize("schema", list(SCHEMAS))
+def test_every_verdict_is_right(schema, verifier, tmp_path, tokenizer):
+    rows, items, _ = load(schema, tmp_path, tokenizer)
+    responses, answers, expected, labels = [], [], [], []
+    for row, item in zip(rows, items):
+        verifier.check_answer(item["answer"])
+        for label, response in [("correct", row["correct"]), *row["wrong"].items()]:
+            responses.append(response)
+            answers.append(item["answer"])
+            expected.append(label == "correct")
+            labels.append(f"{item['source']}: {label}")
+    verdicts = verifier.verdicts(responses, answers)  # all at once, through the worker pool
+    assert {label: v.passed for label, v in zip(labels, verdicts)} == dict(zip(labels, expected))
+    assert verifier.score_many(responses, answers) == expected
+    for label, v in zip(labels, verdicts):
+        assert v.fraction == (1.0 if label.endswith("correct") else v.fraction) and 0 <= v.fraction <= 1
+        if label.endswith("no code block"):
+            assert v.fraction == 0.0
+
+
+def test_fraction_counts_the_tests_passed(verifier):
+    tests = json.dumps({"inputs": ["1\n", "2\n", "3\n", "4\n"], "outputs": ["1\n", "4\n", "9\n", "4\n"]})
+    verdict, = verifier.verdicts([fenced("x = int(input())\nprint(x * x)")], [tests])  # right on 3 of 4 cases
+    assert (verdict.passed, verdict.fraction, verdict.tests) == (False, 0.75, 4)
+
+
+def test_extract_means_has_a_program(verifier):
+    assert verifier.extract("no code here") is None
+    assert verifier.extract("```python\n\n```") is None
+    assert verifier.extract("```\nprint(1)\n```") == "print(1)\n"
+    # the last Python block wins over a later block in another language
+    assert verifier.extract("```python\nprint(1)\n```\n```python\nprint(2)\n```\n```text\n2\n```") == "print(2)\n"
+
+
+def test_outputs_compare_as_the_benchmarks_do():
+    assert same_output("3  \n\n", "3\n", 1e-6)
+    assert same_output("1 2\n3", "1 2 \n 3\n", 1e-6)
+    assert same_output("0.3333333", "0.33333333333", 1e-6)
+    assert not same_output("0.33", "0.3333333", 1e-6)
+    assert not same_output("1 2", "1 2 3", 1e-6)
+    assert not same_output("YES", "yes", 1e-6)
+
+
+def test_bad_tests_are_clear_errors(verifier):
+    for answer, message in [("", "no tests"), ('{"inputs": ["1"], "outputs": []}', "as many outputs"),
+                            ('[{"input": "1", "output": "1", "testtype": "functional"}]', "function name"),
+                            ("not json, not compressed", "neither JSON"),
+                            ('{"test": "def check(c): pass"}', "entry_point")]:
+        with pytest.raises(AnswerParseError, match=message):
+            verifier.check_answer(answer)
+
+
+def test_compressed_cases_never_unpickle_objects():
+    evil = base64.b64encode(zlib.compress(pickle.dumps(BadTestsError("x")))).decode()
+    with pytest.raises(BadTestsError, match="neither JSON"):
+        parse_tests.__wrapped__(json.dumps({"tests": evil}))
+
+
+@pytest.mark.parametrize("schema", list(SCHEMAS))
+def test_the_student_prompt_shows_the_starter_code(schema, tmp_path, tokenizer):
+    rows, items, tokenizer = load(schema, tmp_path, tokenizer)
+    for row, item in zip(rows, items):
+        prompt = tokenizer.decode(item["prompt_ids"])
+        starter = (row.get("starter_code") or "").strip()
+        if starter:
+            assert starter in item["problem"] and starter in prompt
+        if schema == "evalplus":
+            assert row["prompt"].strip() in prompt and "```python" in prompt
+    if schema == "taco":  # the reference for OPSD is solutions[0]
+        assert items[0]["solution"] == SUM_STDIN
+
+
+def test_field_paths_name_the_missing_field(tmp_path, tokenizer):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"question": "q", "solutions": "[]", "input_output": "{}"}) + "\n")
+    data = PromptDataModule(test_path=str(path), problem_field="question", answer_field={"tests": "input_output"},
+                            solution_field="solutions[0]", prompt_template="code_student", tokenizer=tokenizer)
+    with pytest.raises(Exception, match=r"solutions\[0\]"):
+        data.prepare("test")
+
+
+def test_each_named_dataset_reads_its_own_schema(tmp_path, tokenizer):
+    """One data module, three test sets in three schemas: per-dataset field mappings, one code path."""
+    paths = {}
+    for schema, (rows, fields) in SCHEMAS.items():
+        paths[schema] = {"path": str(tmp_path / f"{schema}.jsonl"), **{k: v for k, v in fields.items()}}
+        (tmp_path / f"{schema}.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k not in ("correct", "wrong")}) + "\n" for r in rows))
+    data = PromptDataModule(test_path=paths, tokenizer=tokenizer, problem_field="nope", answer_field="nope")
+    verifier = CodeVerifier(limits=Limits(cpu_seconds=2, wall_seconds=2.0), workers=2)
+    for schema, (rows, _) in SCHEMAS.items():
+        items = list(data.prepare("test", schema))
+        assert verifier.score_many([r["correct"] for r in rows], [it["answer"] for it in items]) == [True] * len(rows)
+    with pytest.raises(Exception, match="unknown keys"):
+        PromptDataModule(test_path={"x": {"path": "a.jsonl", "answer_fields": "y"}}, tokenizer=tokenizer)
+
+
+def test_site_packages_is_a_choice():
+    answer = json.dumps({"inputs": [""], "outputs": ["1"]})
+    response = fenced("import sys\nprint(sys.flags.no_site)")
+    assert CodeVerifier(workers=1).score(response, answer)  # standard library only: no `site`
+    assert not CodeVerifier(workers=1, site_packages=True).score(response, answer)
+
+
+@pytest.mark.parametrize("config", ["opd", "opsd", "trd", "trd_opsd", "smollm2_trd"])
+def test_code_configs_parse(config):
+    """Every code config parses, uses the code templates and CodeVerifier, and names its test sets."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    printed = subprocess.run([sys.executable, "-m", "trd_lightning.cli", "fit", "--config", f"configs/code/{config}.yaml", "--print_config"],
+                             capture_output=True, text=True, check=True, cwd=root).stdout
+    parsed = yaml.safe_load(printed)
+    assert parsed["model"]["init_args"]["verifier"]["class_path"] == "trd_lightning.verifiers.CodeVerifier"
+    assert "math" not in printed.replace("math_verify", "")
+    tests = parsed["data"]["init_args"]["test_path"]
+    assert {"humaneval_plus", "mbpp_plus"} <= set(tests) and any(name.startswith("livecodebench") for name in tests)
+
+
+def test_tests_passed_is_reported_beside_avg_and_pass(verifier):
+    from trd_lightning.metrics import SampledAccuracy
+
+    tests = json.dumps({"inputs": ["1\n", "2\n", "3\n", "4\n"], "outputs": ["1\n", "4\n", "9\n", "4\n"]})
+    verdicts, fractions = verifier.grade_many([fenced("x = int(input())\nprint(x * x)"), "no code"], [tests, tests])
+    assert verdicts == [False, False] and fractions == [0.75, 0.0]
+    metric = SampledAccuracy(n=2, ks=[1])
+    metric.update([0], fractions)
+    assert float(metric.compute()["tests_passed"]) == pytest.approx(0.375)
+    math_like = SampledAccuracy(n=2, ks=[1])
+    math_like.update([1])
+    assert "tests_passed" not in math_like.compute()  # only verifiers that run tests report it
+
+
+def test_the_code_config_trains_and_tests_through_trd(tmp_path, monkeypatch):
+    """configs/code/smollm2_trd.yaml with tiny random models in place of SmolLM2: a TRD step through `trd fit`
+    and `trd test` results per code dataset. The tiny models write no program, so nothing runs in the sandbox
+    here; tests/test_code_real_model.py has SmolLM2 write real code."""
+    from pathlib import Path
+
+    from trd_lightning.cli import main
+
+    import yaml
+
+    from tests.conftest import save_tiny_model
+
+    # Byte-level tiny models: code prompts take many tokens, so a longer context than the shared fixtures'.
+    student_dir = save_tiny_model(tmp_path / "student", seed=1, max_position_embeddings=2048)
+    teacher_dir = save_tiny_model(tmp_path / "teacher", seed=2, max_position_embeddings=2048)
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    config = yaml.safe_load(Path("configs/code/smollm2_trd.yaml").read_text())
+    config["model"]["init_args"]["student"] = {"path": student_dir}
+    config["model"]["init_args"]["teacher"]["init_args"]["model"] = {"path": teacher_dir}
+    (tmp_path / "code.yaml").write_text(yaml.safe_dump(config))
+    common = ["--config", str(tmp_path / "code.yaml"),
+              "--model.init_args.max_context_tokens=2048", "--data.init_args.max_prompt_tokens=1024",
+              "--model.init_args.sampling.max_new_tokens=8", "--model.init_args.refiner.init_args.sampling.max_new_tokens=8",
+              "--model.init_args.eval_sampling.max_new_tokens=8", f"--trainer.logger.init_args.save_dir={tmp_path}",
+              "--trainer.enable_progress_bar=false"]
+    main(["fit", *common, "--trainer.max_steps=1"])
+    main(["test", *common])
+    results = json.loads((tmp_path / "code_smollm2_trd" / "version_1" / "results.json").read_text())["results"]
+    assert {(r["dataset"], r["who"]) for r in results} == {(d, w) for d in ("humaneval_plus", "mbpp_plus", "livecodebench") for w in ("student", "teacher")}
+    assert all("tests_passed" in r and r["avg@2"] == 0.0 for r in results)  # random tiny models write no program
+
+
+def test_unicode_programs_and_outputs(verifier):
+    answer = json.dumps({"inputs": ["naïve ✓\n"], "outputs": ["NAÏVE ✓ → ok\n"]})
+    assert verifier.score(fenced("# élan: upper-case the line\nprint(input().upper(), '→ ok')"), answer)
+    assert not verifier.score(fenced("print('\udcff')"), answer)  # a lone surrogate fails the test, nothing crashes
+
+
+def test_a_training_row_without_tests_fails_without_stopping(verifier):
+    with pytest.warns(UserWarning, match="cannot be read"):
+        verdict, = verifier.verdicts([fenced(SUM_STDIN)], [json.dumps({"inputs": [], "outputs": []})])
+    assert (verdict.passed, verdict.fraction, verdict.tests) == (False, 0.0, 0)
