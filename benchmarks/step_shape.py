@@ -78,7 +78,7 @@ def rollouts(engine_name: str) -> None:
 
     torch.manual_seed(0)
     engine.generate("student", model, student[:2], Sampling(max_new_tokens=8))  # warm-up
-    results = {}
+    results = {}  # phase -> (old shape seconds, one call seconds)
     for phase, phase_prompts in (("rollouts", student), ("rewrites", None)):
         if phase_prompts is None:  # the teacher's rewrites: refine prompts holding each rollout
             torch.manual_seed(1)
@@ -94,9 +94,11 @@ def rollouts(engine_name: str) -> None:
               f"({new_tokens} tokens): {old / new:.2f}x", flush=True)
     # The trainer's own step, 16 prompts per step: its rollout and rewrite phases against the single calls above.
     step = trainer_phases(engine_name)
+    tokens = {"rollouts": 16 * step["rollout/length"], "rewrites": 16 * step.get("refine/length_y_r", 0.0)}
     for phase, key in (("rollouts", "time/rollout"), ("rewrites", "time/refine")):
-        print(f"{engine_name} {phase} inside one trainer step: {step[key]:.1f} s = {step[key] / results[phase][1]:.2f}x the single call "
-              f"(target <= 1.1x), {results[phase][0] / step[key]:.2f}x faster than the old shape", flush=True)
+        print(f"{engine_name} {phase} inside one trainer step (the same model, no LoRA): {step[key]:.1f} s ({tokens[phase]:.0f} tokens) = "
+              f"{step[key] / results[phase][1]:.2f}x the single call (target <= 1.1x), {results[phase][0] / step[key]:.2f}x faster than the old shape",
+              flush=True)
 
 
 def trainer_phases(engine_name: str) -> dict[str, float]:
@@ -111,7 +113,8 @@ def trainer_phases(engine_name: str) -> dict[str, float]:
                 "--trainer.strategy=auto", "--trainer.precision=32", "--trainer.max_steps=1", "--validate_before_fit=false",
                 "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--trainer.callbacks=[]",
                 "--trainer.enable_checkpointing=false", f"--trainer.logger.init_args.save_dir={directory}",
-                f"--model.init_args.student={json.dumps({**SMOLLM2, 'dtype': 'float32'})}", "--model.init_args.export_student=false",
+                f"--model.init_args.student={json.dumps({**SMOLLM2, 'dtype': 'float32'})}", "--model.init_args.student.lora=null",
+                "--model.init_args.student.gradient_checkpointing=false", "--model.init_args.export_student=false",
                 f"--model.init_args.sampling={json.dumps({**SAMPLING, 'n': 1})}",
                 f"--model.init_args.refiner.init_args.sampling={json.dumps(SAMPLING)}", "--model.init_args.max_context_tokens=4096",
                 "--model.init_args.max_tokens_per_micro_batch=2048", "--model.init_args.diagnostics_every=0",
