@@ -42,7 +42,10 @@ METHODS = [
 # mass: its chain task has no hesitation words (pivot_tokens: [] in the demo configs).
 DIAGNOSTICS = [
     ("rollout/accuracy", "acc y_o"),
+    ("rollout/steps_valid", "steps ok y_o"),
     ("refine/accuracy_y_r", "acc y_r"),
+    ("refine/steps_valid_y_r", "steps ok y_r"),
+    ("refine/answer_patched", "answer-patched y_r"),
     ("refine/fail_to_pass", "fail→pass"),
     ("refine/pass_to_fail", "pass→fail"),
     ("diag/first_disagreement_y_o", "1st disagree y_o"),

@@ -174,3 +174,22 @@ def test_ddp_metric_reduction_equals_one_process(tmp_path):
     assert single["results"] == double["results"]
     for name in single["divergence_by_relative_position"]:
         assert single["divergence_by_relative_position"][name] == pytest.approx(double["divergence_by_relative_position"][name], abs=1e-5)
+
+
+@pytest.mark.parametrize("response, answer_right, steps_right", [
+    ("1-6=5;5+5=0;0*9=0;0-3=7;7*0=0;a:0", True, True),        # the worked solution
+    (" 1-6=5; 5+5=0;0*9=0;0-3=7;7*0=0;a:0 ", True, True),     # whitespace aside
+    ("1-6=5;5+5=0;0-9=0;0-3=7;7-0=0;a:0", True, False),       # answer-patched: wrong operators, copied values
+    ("1-6=5;5+5=0;0*9=0;0-3=7;7*0=1;a:1", False, False),      # a wrong result
+    ("1-6=5;5+5=0;0*9=0;7*0=0;a:0", True, False),             # a skipped step
+    ("5+5=0;1-6=5;0*9=0;0-3=7;7*0=0;a:0", True, False),       # steps reordered
+    ("1-6=5;5+5=0;0*9=0;0-3=7;7*0=0", False, False),          # no answer
+])
+def test_chain_verifier_checks_every_step(response, answer_right, steps_right):
+    from trd_lightning.verifiers import ChainVerifier
+
+    verifier = ChainVerifier()
+    assert verifier.score(response, "0") == answer_right
+    assert verifier.steps_valid("1-6+5*9-3*0", response) == steps_right
+    assert verifier.steps_valid("not a chain", response) is None
+    assert ExactMatch().steps_valid("1-6+5*9-3*0", response) is None  # answer-only verifiers cannot judge steps

@@ -233,6 +233,13 @@ def test_a_metric_is_logged_only_at_the_steps_that_measured_it(tmp_path):
     for tag in ("train/loss", "diag/teacher_ppl_y_r", "step/micro_batches", "step/real_token_ratio", "time/refine"):
         assert [step for step, _ in logged[tag]] == [0, 1, 2, 3], tag
     assert all(value == 1.0 for _, value in logged["step/real_token_ratio"])  # packed: no padding computed
+    # The chain verifier checks every step: a valid derivation has the right answer, so over the rewrites
+    # accuracy = step-valid + answer-patched (right answer, a wrong step), at every step.
+    for tag in ("rollout/steps_valid", "refine/steps_valid_y_r", "refine/answer_patched"):
+        assert [step for step, _ in logged[tag]] == [0, 1, 2, 3], tag
+    for (step, accuracy), (_, valid), (_, patched) in zip(logged["refine/accuracy_y_r"], logged["refine/steps_valid_y_r"],
+                                                          logged["refine/answer_patched"]):
+        assert accuracy == pytest.approx(valid + patched, abs=1e-6), step
     # fail->pass is measured over the rows whose rollout failed: present exactly where some did.
     failed = [step for step, value in logged["refine/accuracy_y_o"] if value < 1.0]
     assert [step for step, _ in logged["refine/fail_to_pass"]] == failed

@@ -548,6 +548,10 @@ class DistillationModule(EvaluationMixin, LightningModule):
             }
             if y_o_tests is not None:
                 values["y_o_tests_passed"] = y_o_tests[r]
+            problem = batch.problem[rollouts.prompt_index[r]]
+            if (valid := self.verifier.steps_valid(problem, rollouts.texts[r])) is not None:  # tasks whose steps can be checked
+                values["y_o_steps_valid"] = valid
+                values["y_r_steps_valid"] = targets.refined[r] and self.verifier.steps_valid(problem, targets.texts[r])
             for name, value in values.items():
                 record.rows[name].append(float(value))
 

@@ -76,6 +76,7 @@ def step_metrics(record: StepRecord, threshold: float, target_name: str) -> dict
     out["rollout/truncated"] = mean(rows["y_o_truncated"])
     out["rollout/accuracy"] = mean(rows["y_o_correct"])
     out["rollout/tests_passed"] = mean(rows.get("y_o_tests_passed", []))  # verifiers that run tests (code)
+    out["rollout/steps_valid"] = mean(rows.get("y_o_steps_valid", []))  # verifiers that check each step
     gaps = record.token_values("logprob_gap")
     if gaps is not None and len(gaps):
         out["rollout/logprob_gap_mean"], out["rollout/logprob_gap_max"] = float(gaps.mean()), float(gaps.max())
@@ -91,6 +92,10 @@ def step_metrics(record: StepRecord, threshold: float, target_name: str) -> dict
         out["refine/pass_to_fail"] = mean([1.0 - after for before, after in zip(y_o, y_r) if before])
         out["refine/length_y_o"], out["refine/length_y_r"] = mean(pick("y_o_length")), mean(pick("target_length"))
         out["refine/edit_similarity"] = mean(pick("edit_similarity"))
+        if rows.get("y_r_steps_valid"):  # a right answer reached by wrong steps is "answer-patched"
+            valid = pick("y_r_steps_valid")
+            out["refine/steps_valid_y_r"] = mean(valid)
+            out["refine/answer_patched"] = mean([float(right and not ok) for right, ok in zip(y_r, valid)])
     # the loss and its per-token values
     if totals.get("target_tokens"):
         out["train/loss"] = totals["loss"]

@@ -42,6 +42,11 @@ class Verifier(ABC):
         """Verdicts and, for verifiers that run tests, the fraction of each row's tests passed (else None)."""
         return self.score_many(responses, answers), None
 
+    def steps_valid(self, problem: str, response: str) -> bool | None:
+        """Whether every step of the response's derivation is right, for tasks whose steps can be checked
+        (None: this verifier cannot judge steps). A right answer reached by wrong steps is not valid."""
+        return None
+
 
 class ExactMatch(Verifier):
     """The last match of ``pattern``'s first group, compared with the answer as stripped strings.
@@ -65,6 +70,22 @@ class ExactMatch(Verifier):
     def check_answer(self, answer: str) -> None:
         if not str(answer).strip():
             raise AnswerParseError("an empty reference answer can never be matched")
+
+
+class ChainVerifier(ExactMatch):
+    """The demo's chain task: the answer as ``ExactMatch`` reads it, and every step checked: each step starts
+    from the previous value (the start digit first), applies the problem's next operator and operand, and
+    states the right result mod 10; the answer is the last value, after exactly as many steps as operations."""
+
+    def steps_valid(self, problem: str, response: str) -> bool | None:
+        from trd_lightning.data.chain import parse_problem, render_steps
+
+        try:
+            chain = parse_problem(problem.strip())
+        except ValueError:
+            return None  # not a chain problem: nothing to judge the steps against
+        # The one valid derivation is the worked solution, step for step (whitespace aside).
+        return "".join(response.split()) == render_steps(chain.start, chain.ops, chain.values())
 
 
 @functools.lru_cache(maxsize=65536)

@@ -23,7 +23,9 @@ class TeacherRewrite(Refiner):
     no answer the verifier can extract is rejected: that row falls back to y_o, scored in the
     ``fallback_template`` context (the student's prompt when null; OPSD runs use the privileged one).
     ``only_failed`` refines only the rollouts the verifier marks wrong (an ablation; the paper
-    refines every rollout).
+    refines every rollout). ``require_valid_steps`` (off by default: the paper keeps every rewrite) also
+    rejects a rewrite whose derivation the verifier finds wrong at some step, on tasks whose steps it can
+    check (an answer copied into a flawed derivation is then not trained on).
     """
 
     rewrites = True
@@ -35,6 +37,7 @@ class TeacherRewrite(Refiner):
         fallback_template: str | None = None,
         only_failed: bool = False,
         require_answer: bool = True,
+        require_valid_steps: bool = False,
     ):
         self.template = Template(template, "refine template").require(PROBLEM, ATTEMPT)
         self.sampling = sampling or Sampling(temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=2048)
@@ -43,6 +46,7 @@ class TeacherRewrite(Refiner):
         self.fallback_template = self.optional_template(fallback_template, "refiner fallback_template")
         self.only_failed = only_failed
         self.require_answer = require_answer
+        self.require_valid_steps = require_valid_steps
 
     def default_divergence(self) -> Divergence:
         return Divergence(direction="forward", support="full")
@@ -67,8 +71,10 @@ class TeacherRewrite(Refiner):
             for r in rows
         ]
 
-    def acceptable(self, rewrite: list[int], text: str, truncated: bool, teacher: TeacherAccess) -> bool:
+    def acceptable(self, rewrite: list[int], text: str, truncated: bool, teacher: TeacherAccess, problem: str = "") -> bool:
         if truncated or not any(token not in teacher.stop_ids for token in rewrite):
+            return False
+        if self.require_valid_steps and teacher.verifier.steps_valid(problem, text) is False:
             return False
         return not self.require_answer or teacher.verifier.extract(text) is not None
 
@@ -91,7 +97,7 @@ class TeacherRewrite(Refiner):
         )
         for k, r in enumerate(rows):
             ids, text, cut = rewrites.token_ids[k], rewrites.texts[k], rewrites.truncated[k]
-            if self.acceptable(ids, text, cut, teacher):
+            if self.acceptable(ids, text, cut, teacher, batch.problem[rollouts.prompt_index[r]]):
                 targets.token_ids[r], targets.texts[r], targets.teacher_contexts[r] = ids, text, prompts[k]
                 targets.refined[r] = True
             else:
