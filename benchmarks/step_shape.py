@@ -102,7 +102,8 @@ def rollouts(engine_name: str) -> None:
 
 
 def trainer_phases(engine_name: str) -> dict[str, float]:
-    """One TRD-on-OPSD step of ``trd fit`` on SmolLM2 (its frozen self rewrites), 16 prompts per step."""
+    """The second TRD-on-OPSD step of ``trd fit`` on SmolLM2 (its frozen self rewrites), 16 prompts per step (the
+    first one also starts the engines and warms them up)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     with tempfile.TemporaryDirectory() as directory:
@@ -110,21 +111,23 @@ def trainer_phases(engine_name: str) -> dict[str, float]:
         data.write_text("".join(json.dumps({"problem": p, "answer": "0", "solution": "(none)"}) + "\n" for p in PROBLEMS))
         engine = ["--model.init_args.engine=trd_lightning.rollout.VLLMEngine", "--model.init_args.engine.cpu_kvcache_gb=2"] if engine_name == "vllm" else []
         args = ["fit", "--config", str(ROOT / "configs/trd_opsd.yaml"), "--trainer.accelerator=cpu", "--trainer.devices=1",
-                "--trainer.strategy=auto", "--trainer.precision=32", "--trainer.max_steps=1", "--validate_before_fit=false",
+                "--trainer.strategy=auto", "--trainer.precision=32", "--trainer.max_steps=2", "--validate_before_fit=false",
                 "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--trainer.callbacks=[]",
                 "--trainer.enable_checkpointing=false", f"--trainer.logger.init_args.save_dir={directory}",
-                f"--model.init_args.student={json.dumps({**SMOLLM2, 'dtype': 'float32'})}", "--model.init_args.student.lora=null",
-                "--model.init_args.student.gradient_checkpointing=false", "--model.init_args.export_student=false",
+                f"--model.init_args.student={json.dumps({**SMOLLM2, 'dtype': 'float32', 'lora': None, 'gradient_checkpointing': False})}",
+                "--model.init_args.export_student=false",
                 f"--model.init_args.sampling={json.dumps({**SAMPLING, 'n': 1})}",
                 f"--model.init_args.refiner.init_args.sampling={json.dumps(SAMPLING)}", "--model.init_args.max_context_tokens=4096",
                 "--model.init_args.max_tokens_per_micro_batch=2048", "--model.init_args.diagnostics_every=0",
                 "--model.init_args.refiner.init_args.require_answer=false", "--model.init_args.pivot_tokens=[]",
                 f"--data.init_args.train_path={data}", "--data.init_args.val_path=null", "--data.init_args.test_path=null",
-                "--data.init_args.batch_size=16", *engine]
-        subprocess.run([sys.executable, "-m", "trd_lightning.cli", *args], check=True, cwd=ROOT, capture_output=True)
+                "--data.init_args.batch_size=16", "--data.init_args.shuffle=false", "--trainer.log_every_n_steps=1", *engine]
+        done = subprocess.run([sys.executable, "-m", "trd_lightning.cli", *args], cwd=ROOT, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"the trainer step failed:\n{done.stderr[-3000:]}")
         events = EventAccumulator(str(next(Path(directory).glob("*/version_0"))))
         events.Reload()
-        return {tag: events.Scalars(tag)[0].value for tag in events.Tags()["scalars"]}
+        return {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"] if events.Scalars(tag)[-1].step == 1}
 
 
 # -- padding: real tokens / processed tokens ------------------------------------------------------------------
@@ -265,7 +268,7 @@ def step_time(steps: int = 6) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("section", choices=["rollouts", "padding", "memory", "step-time", "all", "memory-child"])
+    parser.add_argument("section", choices=["rollouts", "trainer-phases", "padding", "memory", "step-time", "all", "memory-child"])
     parser.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     parser.add_argument("--mode", default="step")
     parser.add_argument("--budget", type=int, default=1024)
@@ -273,6 +276,10 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if opts.section == "memory-child":
         return memory_child(opts.mode, opts.budget)
+    if opts.section == "trainer-phases":  # only the trainer's step, as in `rollouts`
+        step = trainer_phases(opts.engine)
+        return print(f"{opts.engine} inside one trainer step: rollouts {step['time/rollout']:.1f} s ({16 * step['rollout/length']:.0f} tokens), "
+                     f"rewrites {step['time/refine']:.1f} s", flush=True)
     if opts.section in ("padding", "all"):
         padding()
     if opts.section in ("step-time", "all"):

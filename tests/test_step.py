@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch import Callback
 
 from trd_lightning.cli import main
-from trd_lightning.micro_batches import balanced_groups, first_fit_count, plan_micro_batches
+from trd_lightning.micro_batches import balanced_groups, first_fit_count, plan_micro_batches, sorted_runs
 from trd_lightning.models import ModelSpec, last_hidden_at, load_model, output_head, packs_correctly
 from trd_lightning.refiners import Refiner, Targets
 from trd_lightning.views import build_views, pack
@@ -68,6 +68,20 @@ def ranks_in_lockstep(costs_per_rank: list[list[int]], budget: int) -> list[list
     for thread in threads:
         thread.join(timeout=10)
     return plans
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_padded_micro_batches_are_length_sorted_runs_within_the_budget(seed):
+    generator = torch.Generator().manual_seed(seed)
+    costs = torch.randint(1, 300, (30,), generator=generator).tolist()
+    groups = plan_micro_batches(costs, 600, padded=True)
+    assert sorted(i for g in groups for i in g) == list(range(len(costs)))
+    for group in groups:
+        assert len(group) * max(costs[i] for i in group) <= 600 or len(group) == 1  # rows x longest: what padding computes
+    # Sorted runs: no sequence of one micro-batch lies strictly between the lengths of another's.
+    spans = sorted((min(costs[i] for i in g), max(costs[i] for i in g)) for g in groups)
+    assert all(low_b >= high_a for (_, high_a), (low_b, _) in zip(spans, spans[1:]))
+    assert sorted_runs([300, 100, 290, 110], 600) == [[0, 2], [1, 3]]
 
 
 def test_every_rank_runs_the_same_number_of_micro_batches():
@@ -157,13 +171,17 @@ def gradients_of_one_step(tmp_path, config, name, budget, student_dir, teacher_d
     return torch.load(path, weights_only=True), scalars(tmp_path / name / "version_0")
 
 
+@pytest.mark.parametrize("packing", ["always", "never"])
 @pytest.mark.parametrize("config", ["opd", "trd"])
-def test_gradients_do_not_depend_on_the_micro_batch_budget(config, student_dir, teacher_dir, chain_data, tmp_path):
-    whole, logged = gradients_of_one_step(tmp_path, config, "whole", "null", student_dir, teacher_dir, chain_data)
+def test_gradients_do_not_depend_on_the_micro_batch_budget(config, packing, student_dir, teacher_dir, chain_data, tmp_path):
+    mode = f"--model.init_args.packing={packing}"
+    whole, logged = gradients_of_one_step(tmp_path, config, "whole", "null", student_dir, teacher_dir, chain_data, mode)
     assert logged["step/micro_batches"] == [(0, 1.0)]
+    ratio = logged["step/real_token_ratio"][0][1]
+    assert ratio == 1.0 if packing == "always" else 0 < ratio <= 1.0  # packed: no padding computed
     costs = 8 * 60  # about 8 sequences of context + target: a budget of a third of it makes several micro-batches
     for budget in (costs // 2, costs // 6):
-        grads, logged = gradients_of_one_step(tmp_path, config, f"b{budget}", budget, student_dir, teacher_dir, chain_data)
+        grads, logged = gradients_of_one_step(tmp_path, config, f"b{budget}", budget, student_dir, teacher_dir, chain_data, mode)
         assert logged["step/micro_batches"][0][1] > 1, budget
         assert grads.keys() == whole.keys()
         for key, value in whole.items():
@@ -226,7 +244,8 @@ def test_global_token_mean_over_ddp_ranks_equals_one_process(student_dir, teache
 def test_a_metric_is_logged_only_at_the_steps_that_measured_it(tmp_path):
     from .test_reliability import fit_args
 
-    main(fit_args("trd", tmp_path, "run", 4, "--model.init_args.diagnostics_every=3"))  # the demo's own models and data
+    main(fit_args("trd", tmp_path, "run", 4, "--model.init_args.diagnostics_every=3",  # the demo's own models and data
+                  "--model.init_args.packing=always"))
     logged = scalars(tmp_path / "run" / "version_0")
     for tag in ("diag/teacher_ppl_y_o", "diag/pivot_permille_y_o", "time/diagnostics"):
         assert [step for step, _ in logged[tag]] == [0, 3], tag  # the extra teacher pass ran at steps 0 and 3 only

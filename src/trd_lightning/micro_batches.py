@@ -1,8 +1,11 @@
 """Micro-batches of one optimizer step: its sequences grouped by a token budget, the same count on every rank.
 
 A sequence's cost is the tokens a forward pass over it computes in the model that sees the longer context
-(the teacher's refine prompt under TRD): context + target. Sequences go longest first into the least-loaded
-micro-batch they fit in, so micro-batches come out evenly filled; a sequence over the budget goes alone.
+(the teacher's refine prompt under TRD): context + target. Packed (one row, no padding), a micro-batch costs
+the sum of its sequences: they go longest first into the least-loaded micro-batch they fit in, so
+micro-batches come out evenly filled. Right-padded, it costs rows x its longest sequence: sequences are
+sorted by length and cut into consecutive runs, so each micro-batch pads little. Either way a sequence
+over the budget goes alone.
 Every rank must run as many micro-batches (each forward of a sharded model, and each synchronised backward,
 is a collective), so the count is agreed on (the maximum over ranks) before anything runs; a rank with
 fewer sequences than that count gets empty micro-batches, which the trainer fills with a zero-weight pass.
@@ -42,16 +45,32 @@ def balanced_groups(costs: Sequence[int], budget: int, count: int) -> list[list[
     return [sorted(group) for group in groups]
 
 
-def plan_micro_batches(costs: Sequence[int], budget: int | None, agree: Callable[[int], int] = lambda n: n) -> list[list[int]]:
+def sorted_runs(costs: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices of ``costs``, longest first, cut into runs whose rows x longest cost stays within ``budget``."""
+    groups: list[list[int]] = []
+    for index in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        if groups and (len(groups[-1]) + 1) * costs[groups[-1][0]] <= budget:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return [sorted(group) for group in groups]
+
+
+def plan_micro_batches(costs: Sequence[int], budget: int | None, agree: Callable[[int], int] = lambda n: n,
+                       padded: bool = False) -> list[list[int]]:
     """The step's micro-batches (lists of sequence indices). ``budget`` None puts everything in one.
 
     ``agree(n)`` returns the maximum of ``n`` over ranks (identity in one process); every rank calls it the
-    same number of times, so the returned count is the same on all of them.
+    same number of times, so the returned count is the same on all of them. ``padded``: the micro-batches
+    will be right-padded (costed as rows x longest), else packed (costed as the sum).
     """
     if budget is None:
         return [list(range(len(costs)))]
     if budget <= 0:
         raise ValueError(f"max_tokens_per_micro_batch must be > 0 (got {budget})")
+    if padded:
+        groups = sorted_runs(costs, budget)
+        return groups + [[] for _ in range(agree(len(groups)) - len(groups))]  # empty: filler passes
     count = agree(max(1, first_fit_count(costs, budget)))
     while True:
         groups = balanced_groups(costs, budget, count)

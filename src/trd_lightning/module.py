@@ -13,10 +13,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from lightning.pytorch import LightningModule
@@ -57,6 +58,7 @@ from trd_lightning.metrics import SampledAccuracy
 from trd_lightning.views import ChatPrompts, ModelInputs, Views, build_views, pack
 
 TEACHER = "teacher"
+VARLEN_ATTENTION = ("flash_attention", "flash-attn")  # attention kernels that take packed sequences as they are
 
 
 class SettingsError(ValueError):
@@ -107,8 +109,11 @@ class DistillationModule(EvaluationMixin, LightningModule):
         max_tokens_per_micro_batch: the token budget of one forward pass, per rank: sequences (context + target,
             counted in the model with the longer context) are grouped up to it, longest first; a longer sequence
             goes alone. Null puts the whole step in one micro-batch.
-        packing: put each micro-batch's sequences into one row without padding (position ids restart per
-            sequence). A model whose attention cannot keep packed sequences apart falls back to right padding.
+        packing: ``auto`` puts each micro-batch's sequences into one row without padding (position ids restart per
+            sequence) where the attention has varlen kernels (``attn_implementation: flash_attention_2``), and
+            right-pads micro-batches of length-sorted sequences elsewhere (sdpa and eager attention would compute a
+            packed row as one masked square); ``always`` packs with any attention, ``never`` always pads. A model
+            seen to let packed sequences attend to each other is padded instead.
         gradient_clip_val: clip the step's gradient norm (or values) to this; null does not clip. (The Trainer's
             ``gradient_clip_val`` does not apply: the module runs the optimizer step itself.)
         gradient_clip_algorithm: ``norm`` or ``value``.
@@ -147,7 +152,7 @@ class DistillationModule(EvaluationMixin, LightningModule):
         max_consecutive_skips: int = 5,
         sharding: Sharding | None = None,
         max_tokens_per_micro_batch: int | None = None,
-        packing: bool = True,
+        packing: Literal["auto", "always", "never"] = "auto",
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
     ):
@@ -163,6 +168,8 @@ class DistillationModule(EvaluationMixin, LightningModule):
             raise ValueError(f"max_tokens_per_micro_batch must be > 0, or null for one micro-batch per step (got {max_tokens_per_micro_batch})")
         if gradient_clip_val is not None and not gradient_clip_val > 0:
             raise ValueError(f"gradient_clip_val must be > 0, or null not to clip (got {gradient_clip_val})")
+        if packing not in ("auto", "always", "never"):
+            raise ValueError(f"packing must be auto, always or never (got {packing!r})")
         if gradient_clip_algorithm not in ("norm", "value"):
             raise ValueError(f"gradient_clip_algorithm must be norm or value (got {gradient_clip_algorithm!r})")
         if not 0 < disagreement_threshold < 1:
@@ -320,7 +327,7 @@ class DistillationModule(EvaluationMixin, LightningModule):
         weight, bias = output_head(self.student)
         found = [None] * len(rollouts)
         with torch.no_grad(), evaluating(self.student):
-            for rows, inputs in self.micro_batches(contexts, rollouts.token_ids, self.packs("student")):
+            for rows, inputs in self.micro_batches(contexts, rollouts.token_ids, self.packs(STUDENT)):
                 hidden = last_hidden_at(self.student, inputs.to(self.device))
                 ids = inputs.input_ids[inputs.target_mask].to(self.device)
                 logprobs, _ = token_stats(hidden, weight, bias, ids, self.divergence.chunk_size)
@@ -349,27 +356,36 @@ class DistillationModule(EvaluationMixin, LightningModule):
         return tensor.tolist()
 
     def packs(self, role: str) -> bool:
-        """Whether ``role``'s micro-batches are packed into one row: ``packing`` on and the model proven to keep
-        packed sequences apart (checked once, on first use; otherwise right padding, said once)."""
+        """Whether ``role``'s micro-batches go into one row without padding. ``packing: auto`` packs where the
+        attention has varlen kernels (flash-attention), which cost each sequence what it costs alone; sdpa and
+        eager attention would compute the whole packed row as one masked square, so there the micro-batches are
+        right-padded, sorted by length. Packing is used only once the model is seen to keep packed sequences
+        apart (checked on first use)."""
         if role not in self.packing_checked:
-            works = False
-            if self.packing:
-                with self.teacher_scope() if role == TEACHER else evaluating(self.student) as model:
-                    works = packs_correctly(model, self.device, vocab_size(model))
-                if not works:
-                    rank_zero_warn(f"the {role} model lets packed sequences attend to each other (attention implementation "
-                                   f"{base_model(model).config._attn_implementation!r}); its micro-batches are right-padded instead")
+            with self.teacher_scope() if role == TEACHER else evaluating(self.student) as model:
+                attention = str(base_model(model).config._attn_implementation)
+                wanted = self.packing == "always" or (self.packing == "auto" and any(a in attention for a in VARLEN_ATTENTION))
+                works = wanted and packs_correctly(model, self.device, vocab_size(model))
+            if wanted and not works:
+                rank_zero_warn(f"the {role} model lets packed sequences attend to each other (attention {attention!r}); "
+                               "its micro-batches are right-padded instead")
+            elif not wanted and self.packing == "auto":
+                rank_zero_info(f"the {role} model's attention ({attention!r}) has no varlen kernel: its micro-batches are right-padded, "
+                               "sorted by length (attn_implementation: flash_attention_2 packs them without padding)")
             self.packing_checked[role] = works
         return self.packing_checked[role]
 
+    def plan(self, costs: Sequence[int], packed: bool) -> Iterator[tuple[list[int], list[int]]]:
+        """(rows, rows to run) for each micro-batch under the token budget, the same count on every rank. A rank
+        with fewer sequences gets empty micro-batches: it runs its cheapest row there, to be discarded (a filler
+        pass keeps the collectives of sharded forwards and synced backwards in step)."""
+        for rows in plan_micro_batches(costs, self.max_tokens_per_micro_batch, self.agree_max, padded=not packed):
+            yield rows, rows or [min(range(len(costs)), key=costs.__getitem__)]
+
     def micro_batches(self, contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], packed: bool):
-        """(rows, inputs) for each micro-batch of these sequences under the token budget, the same count on every
-        rank; an empty micro-batch (this rank has fewer sequences) comes as ``([], inputs)`` of a filler row to
-        run and discard."""
-        costs = [len(c) + len(t) for c, t in zip(contexts, targets)]
-        for rows in plan_micro_batches(costs, self.max_tokens_per_micro_batch, self.agree_max):
-            pick = rows or [min(range(len(costs)), key=costs.__getitem__)]
-            yield rows, pack([contexts[r] for r in pick], [targets[r] for r in pick], self.tokenizer.pad_token_id, packed)
+        """(rows, inputs) for each micro-batch of these sequences, as ``plan`` forms them (``rows`` empty: a filler)."""
+        for rows, run in self.plan([len(c) + len(t) for c, t in zip(contexts, targets)], packed):
+            yield rows, pack([contexts[r] for r in run], [targets[r] for r in run], self.tokenizer.pad_token_id, packed)
 
     # -- the step ------------------------------------------------------------------------------------
     def make_views(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets, rows: Sequence[int] | None = None) -> Views:
@@ -443,11 +459,11 @@ class DistillationModule(EvaluationMixin, LightningModule):
         optimizer.zero_grad(set_to_none=True)
         student_contexts = [batch.prompt_ids[i] for i in rollouts.prompt_index]
         costs = [max(len(s), len(t)) + n for s, t, n in zip(student_contexts, targets.teacher_contexts, lengths)]
-        groups = plan_micro_batches(costs, self.max_tokens_per_micro_batch, self.agree_max)
+        groups = list(self.plan(costs, packed=self.packs(STUDENT) and self.packs(TEACHER)))
         scale = self.trainer.world_size  # DDP and FSDP2 average gradients over ranks; the weights already divide by the global count
         loss, backward_seconds = 0.0, 0.0
-        for k, rows in enumerate(groups):
-            views = self.make_views(batch, rollouts, targets, rows or [min(range(len(costs)), key=costs.__getitem__)])
+        for k, (rows, run) in enumerate(groups):
+            views = self.make_views(batch, rollouts, targets, run)
             weights = self.divergence.weights(views.target_lengths, tokens=int(tokens), sequences=int(sequences))
             if not rows:  # a filler pass: this rank has fewer micro-batches' worth of sequences than another
                 weights = torch.zeros_like(weights)
@@ -620,9 +636,8 @@ class DistillationModule(EvaluationMixin, LightningModule):
     def profile(self, trajectory: str, student_contexts: list, teacher_contexts: list, targets: list, keep: list[bool]) -> None:
         """Add the per-token divergence along each kept row to that trajectory's position profile, in micro-batches."""
         costs = [max(len(s), len(t)) + len(y) for s, t, y in zip(student_contexts, teacher_contexts, targets)]
-        for rows in plan_micro_batches(costs, self.max_tokens_per_micro_batch, self.agree_max):
-            pick = rows or [min(range(len(costs)), key=costs.__getitem__)]  # a filler pass keeps sharded ranks in step
-            views = build_views([student_contexts[r] for r in pick], [teacher_contexts[r] for r in pick], [targets[r] for r in pick],
+        for rows, run in self.plan(costs, packed=self.packs(STUDENT) and self.packs(TEACHER)):
+            views = build_views([student_contexts[r] for r in run], [teacher_contexts[r] for r in run], [targets[r] for r in run],
                                 self.tokenizer.pad_token_id, (self.packs(STUDENT), self.packs(TEACHER)))
             if not views.num_target_tokens:
                 continue
