@@ -154,29 +154,11 @@ def ratio_by_budget(student: list[int], teacher: list[int], ranks: int, budget: 
     """The new shape: each rank's sequences in micro-batches under the token budget (the trainer's own planner,
     its agreement over ranks simulated in lockstep), a filler pass (the rank's cheapest sequence) for each
     micro-batch a rank lacks; packed, or right-padded per model. Returns (real/processed, micro-batches)."""
-    import threading
-
-    from trd_lightning.micro_batches import plan_micro_batches
+    from trd_lightning.micro_batches import plan_in_lockstep
 
     per_rank = len(student) // ranks
     shards = [list(range(r * per_rank, (r + 1) * per_rank)) for r in range(ranks)]
-    barrier, slots, plans = threading.Barrier(ranks), [0] * ranks, [None] * ranks
-
-    def run(rank):
-        def agree(n):
-            slots[rank] = n
-            barrier.wait()
-            agreed = max(slots)
-            barrier.wait()
-            return agreed
-
-        plans[rank] = plan_micro_batches([max(student[i], teacher[i]) for i in shards[rank]], budget, agree, padded=not packed)
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(ranks)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    plans = plan_in_lockstep([[max(student[i], teacher[i]) for i in shard] for shard in shards], budget, padded=not packed)
     real = processed = 0
     for shard, plan in zip(shards, plans):
         for group in plan:

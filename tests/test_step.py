@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 from lightning.pytorch import Callback
 
 from trd_lightning.cli import main
-from trd_lightning.micro_batches import balanced_groups, first_fit_count, plan_micro_batches, sorted_runs
+from trd_lightning.micro_batches import balanced_groups, first_fit_count, plan_in_lockstep, plan_micro_batches, sorted_runs
 from trd_lightning.models import ModelSpec, last_hidden_at, load_model, output_head, packs_correctly
 from trd_lightning.refiners import Refiner, Targets
 from trd_lightning.views import build_views, pack
@@ -48,45 +47,9 @@ def test_longest_first_into_the_least_loaded_micro_batch():
     assert plan_micro_batches([5, 6, 7], budget=None) == [[0, 1, 2]]
 
 
-def ranks_in_lockstep(costs_per_rank: list[list[int]], budget: int) -> list[list[list[int]]]:
-    """Each rank plans in its own thread; ``agree`` is a real max over the threads, as all_reduce(MAX) is over ranks."""
-    world, barrier, slots, plans = len(costs_per_rank), threading.Barrier(len(costs_per_rank)), [0] * len(costs_per_rank), [None] * len(costs_per_rank)
-
-    def run(rank):
-        def agree(n):
-            slots[rank] = n
-            barrier.wait()
-            agreed = max(slots)
-            barrier.wait()
-            return agreed
-
-        plans[rank] = plan_micro_batches(costs_per_rank[rank], budget, agree)
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=10)
-    return plans
-
-
-@pytest.mark.parametrize("seed", range(10))
-def test_padded_micro_batches_are_length_sorted_runs_within_the_budget(seed):
-    generator = torch.Generator().manual_seed(seed)
-    costs = torch.randint(1, 300, (30,), generator=generator).tolist()
-    groups = plan_micro_batches(costs, 600, padded=True)
-    assert sorted(i for g in groups for i in g) == list(range(len(costs)))
-    for group in groups:
-        assert len(group) * max(costs[i] for i in group) <= 600 or len(group) == 1  # rows x longest: what padding computes
-    # Sorted runs: no sequence of one micro-batch lies strictly between the lengths of another's.
-    spans = sorted((min(costs[i] for i in g), max(costs[i] for i in g)) for g in groups)
-    assert all(low_b >= high_a for (_, high_a), (low_b, _) in zip(spans, spans[1:]))
-    assert sorted_runs([300, 100, 290, 110], 600) == [[0, 2], [1, 3]]
-
-
 def test_every_rank_runs_the_same_number_of_micro_batches():
     long_rank, short_rank = [900, 800, 700, 600, 500, 400], [20, 30, 10]
-    plans = ranks_in_lockstep([long_rank, short_rank], budget=1000)
+    plans = plan_in_lockstep([long_rank, short_rank], budget=1000)
     assert len(plans[0]) == len(plans[1]) == first_fit_count(long_rank, 1000) == 5  # 900 | 800 | 700 | 600+400 | 500
     assert sorted(i for g in plans[1] for i in g) == [0, 1, 2]
     assert sum(1 for g in plans[1] if not g) == 2  # 3 sequences, 5 micro-batches: two filler passes

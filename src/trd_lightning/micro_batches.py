@@ -78,3 +78,29 @@ def plan_micro_batches(costs: Sequence[int], budget: int | None, agree: Callable
         if agreed == count:  # the same test on every rank: they leave the loop together
             return groups
         count = agreed
+
+
+def plan_in_lockstep(costs_per_rank: Sequence[Sequence[int]], budget: int | None, padded: bool = False) -> list[list[list[int]]]:
+    """Every rank's plan, each rank planning in its own thread with ``agree`` a real maximum over the threads, as
+    all_reduce(MAX) is over processes: what a multi-process step would plan, run in one process (benchmarks, tests)."""
+    import threading
+
+    world = len(costs_per_rank)
+    barrier, slots, plans = threading.Barrier(world), [0] * world, [[] for _ in range(world)]
+
+    def run(rank: int) -> None:
+        def agree(n: int) -> int:
+            slots[rank] = n
+            barrier.wait()
+            agreed = max(slots)
+            barrier.wait()
+            return agreed
+
+        plans[rank] = plan_micro_batches(costs_per_rank[rank], budget, agree, padded)
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return plans
