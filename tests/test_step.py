@@ -47,6 +47,20 @@ def test_longest_first_into_the_least_loaded_micro_batch():
     assert plan_micro_batches([5, 6, 7], budget=None) == [[0, 1, 2]]
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_padded_micro_batches_are_length_sorted_runs_within_the_budget(seed):
+    generator = torch.Generator().manual_seed(seed)
+    costs = torch.randint(1, 300, (30,), generator=generator).tolist()
+    groups = plan_micro_batches(costs, 600, padded=True)
+    assert sorted(i for g in groups for i in g) == list(range(len(costs)))
+    for group in groups:
+        assert len(group) * max(costs[i] for i in group) <= 600 or len(group) == 1  # rows x longest: what padding computes
+    # Sorted runs: no sequence of one micro-batch lies strictly between the lengths of another's.
+    spans = sorted((min(costs[i] for i in g), max(costs[i] for i in g)) for g in groups)
+    assert all(low_b >= high_a for (_, high_a), (low_b, _) in zip(spans, spans[1:]))
+    assert sorted_runs([300, 100, 290, 110], 600) == [[0, 2], [1, 3]]
+
+
 def test_every_rank_runs_the_same_number_of_micro_batches():
     long_rank, short_rank = [900, 800, 700, 600, 500, 400], [20, 30, 10]
     plans = plan_in_lockstep([long_rank, short_rank], budget=1000)
