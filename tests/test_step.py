@@ -241,6 +241,18 @@ def test_a_metric_is_logged_only_at_the_steps_that_measured_it(tmp_path):
     assert [step for step, _ in logged["refine/fail_to_pass"]] == failed
 
 
+def test_scheduled_measurements_are_written_even_between_logging_steps(tmp_path):
+    """Logging every 2 steps, the diagnostics pass every 3: each step on either schedule is written, with what it measured."""
+    from .test_reliability import fit_args
+
+    main(fit_args("trd", tmp_path, "run", 5, "--model.init_args.diagnostics_every=3", "--trainer.log_every_n_steps=2"))
+    logged = scalars(tmp_path / "run" / "version_0")
+    assert [step for step, _ in logged["diag/teacher_ppl_y_o"]] == [0, 3]
+    assert [step for step, _ in logged["train/loss"]] == [0, 1, 3]  # 1 and 3 by the interval, 0 and 3 by the pass
+    failed = [step for step, value in logged["refine/accuracy_y_o"] if value < 1.0]
+    assert [step for step, _ in logged["refine/fail_to_pass"]] == failed
+
+
 @pytest.mark.parametrize("setting, fix", [("--trainer.accumulate_grad_batches=4", "data.init_args.batch_size"),
                                           ("--trainer.gradient_clip_val=1.0", "model.init_args.gradient_clip_val: 1.0")])
 def test_trainer_settings_the_step_replaces_are_refused_with_the_fix(setting, fix, student_dir, teacher_dir, chain_data, tmp_path):

@@ -534,7 +534,7 @@ class DistillationModule(EvaluationMixin, LightningModule):
     def diagnose_rollouts(self, batch: PromptBatch, rollouts: Rollouts, record: StepRecord) -> None:
         """For a rewriting refiner, every ``diagnostics_every`` steps: the teacher along y_o, in its scoring
         context (an extra teacher pass, in micro-batches, on the same schedule on every rank)."""
-        if not (self.refiner.rewrites and self.diagnostics_every and self.global_step % self.diagnostics_every == 0):
+        if not self.diagnostics_due(self.global_step):
             return
         start = time.perf_counter()
         contexts = self.refiner.scoring_contexts(batch, rollouts.prompt_index, self.teacher_access)
@@ -571,10 +571,15 @@ class DistillationModule(EvaluationMixin, LightningModule):
             for name, value in values.items():
                 record.rows[name].append(float(value))
 
+    def diagnostics_due(self, step: int) -> bool:
+        return bool(self.refiner.rewrites and self.diagnostics_every and step % self.diagnostics_every == 0)
+
     def log_record(self, record: StepRecord, step: int) -> None:
-        """The step's metrics, computed over every rank's record, written once, at this step (on the trainer's
-        logging schedule, ``log_every_n_steps``)."""
-        if (step + 1) % self.trainer.log_every_n_steps and not self.trainer.should_stop:
+        """The step's metrics, computed over every rank's record, written once, at this step: on the trainer's
+        logging schedule (``log_every_n_steps``), and at every step that ran a scheduled pass (the diagnostics
+        along y_o, the stale-weights guard), so that nothing measured is dropped. The same decision on every rank."""
+        scheduled = self.diagnostics_due(step) or "logprob_gap" in record.tokens  # both on step-number schedules
+        if (step + 1) % self.trainer.log_every_n_steps and not self.trainer.should_stop and not scheduled:
             return
         merged = gather(record)
         metrics = step_metrics(merged, self.disagreement_threshold, "y_r" if self.refiner.rewrites else "y_o")
