@@ -175,15 +175,15 @@ def run_mean(scalars: dict, tag: str) -> float | None:
 
 
 def table(runs: dict[str, list[dict]], reference: list[dict], n: int) -> tuple[list[str], list[list[str]]]:
-    metrics = [f"avg@{n}", "pass@1", f"pass@{n}"]
-    header = ["method", *metrics, *(column for _, column in DIAGNOSTICS), "fit s/run"]
+    metrics = [f"avg@{n}", "pass@1", f"pass@{n}", "steps_valid"]  # steps_valid: test samples right at every step
+    header = ["method", f"avg@{n}", "pass@1", f"pass@{n}", "steps ok (test)", *(column for _, column in DIAGNOSTICS), "fit s/run"]
     rows = []
     for who in ("teacher", "student"):
         row = next(r for r in reference if r["who"] == who)
-        rows.append([f"({'teacher' if who == 'teacher' else 'untrained student'})", *(f"{row[m]:.3f}" for m in metrics),
+        rows.append([f"({'teacher' if who == 'teacher' else 'untrained student'})", *(f"{row[m]:.3f}" if m in row else "—" for m in metrics),
                      *("—" for _ in DIAGNOSTICS), "—"])
     for name, results in runs.items():
-        cells = [mean_std([r["test"][m] for r in results]) for m in metrics]
+        cells = [mean_std([r["test"][m] for r in results if m in r["test"]]) for m in metrics]
         for tag, _ in DIAGNOSTICS:
             cells.append(mean_std([v for r in results if (v := run_mean(r["scalars"], tag)) is not None]))
         rows.append([name, *cells, f"{statistics.mean(r['fit_seconds'] for r in results):.0f}"])

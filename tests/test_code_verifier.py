@@ -282,7 +282,7 @@ def test_tests_passed_is_reported_beside_avg_and_pass(verifier):
     verdicts, fractions = verifier.grade_many([fenced("x = int(input())\nprint(x * x)"), "no code"], [tests, tests])
     assert verdicts == [False, False] and fractions == [0.75, 0.0]
     metric = SampledAccuracy(n=2, ks=[1])
-    metric.update([0], fractions)
+    metric.update([0], tests_passed=fractions)
     assert float(metric.compute()["tests_passed"]) == pytest.approx(0.375)
     math_like = SampledAccuracy(n=2, ks=[1])
     math_like.update([1])

@@ -144,6 +144,18 @@ def test_pivot_words_map_to_single_tokens_only(tokenizer):
     assert pivot_token_ids(tokenizer, ["W"]) == [tokenizer.convert_tokens_to_ids("W")]
 
 
+def test_per_sample_values_are_means_over_samples_and_unknown_ones_refused():
+    from trd_lightning.metrics import SampledAccuracy
+
+    metric = SampledAccuracy(n=2, ks=[1])
+    metric.update([2, 0], steps_valid=[1.0, 1.0, 0.0, 0.0])
+    metric.update([1], steps_valid=[0.0, 1.0])
+    assert float(metric.compute()["steps_valid"]) == pytest.approx(3 / 6)
+    assert "tests_passed" not in metric.compute()
+    with pytest.raises(ValueError, match="unknown per-sample value 'step_valid'"):
+        metric.update([1], step_valid=[1.0, 0.0])
+
+
 def test_position_profile_bins_by_relative_position():
     profile = PositionProfile(bins=2)
     profile.update(torch.tensor([1.0, 3.0, 10.0, 20.0, 30.0, 40.0]), torch.tensor([2, 4]))
@@ -172,6 +184,8 @@ def test_ddp_metric_reduction_equals_one_process(tmp_path):
     single, double = results[1], results[2]
     assert [r["problems"] for r in single["results"]] == [5, 5] == [r["problems"] for r in double["results"]]
     assert single["results"] == double["results"]
+    # The chain verifier checks every step, so the results carry steps_valid; a valid derivation ends in the right answer.
+    assert all(0.0 <= r["steps_valid"] <= r["avg@1"] for r in single["results"])
     for name in single["divergence_by_relative_position"]:
         assert single["divergence_by_relative_position"][name] == pytest.approx(double["divergence_by_relative_position"][name], abs=1e-5)
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Callback
@@ -239,6 +240,43 @@ def test_a_metric_is_logged_only_at_the_steps_that_measured_it(tmp_path):
     # fail->pass is measured over the rows whose rollout failed: present exactly where some did.
     failed = [step for step, value in logged["refine/accuracy_y_o"] if value < 1.0]
     assert [step for step, _ in logged["refine/fail_to_pass"]] == failed
+
+
+def chain_steps_right(problem: str, response: str) -> bool:
+    """An independent step check for the demo's chains: walk the problem's operations, compare each written step."""
+    value, written = int(problem[0]), "".join(response.split()).split(";")
+    for k in range(1, len(problem), 2):
+        op, operand = problem[k], int(problem[k + 1])
+        result = {"+": value + operand, "-": value - operand, "*": value * operand}[op] % 10
+        if not written or written.pop(0) != f"{value}{op}{operand}={result}":
+            return False
+        value = result
+    return written == [f"a:{value}"]
+
+
+def test_step_level_metrics_agree_with_a_recount_of_the_logged_samples(tmp_path):
+    """TRD on OPSD, every row of every step in the samples file: the logged step validity, answer-patched share and
+    coherence means are exactly what a recount of those rows gives."""
+    from .test_reliability import fit_args
+
+    main(fit_args("trd_opsd", tmp_path, "run", 3, "--model.init_args.diagnostics_every=1", "--model.init_args.log_samples_every=1"))
+    run = tmp_path / "run" / "version_0"
+    logged = {tag: dict(values) for tag, values in scalars(run).items()}
+    samples = [json.loads(line) for line in (run / "samples" / "rank0.jsonl").read_text().splitlines()]
+    assert sorted({s["step"] for s in samples}) == [0, 1, 2] and len(samples) == 3 * 4
+    for step in range(3):
+        rows = [s for s in samples if s["step"] == step]
+        rewrites = [s for s in rows if s["y_r"] is not None]
+        assert rewrites, f"step {step}: no rewrite to check"
+        valid = [chain_steps_right(s["problem"], s["y_r"]) for s in rewrites]
+        right = ["a:" in s["y_r"] and s["y_r"].rpartition("a:")[2].split()[:1] == [s["answer"]] for s in rewrites]
+        assert logged["rollout/steps_valid"][step] == pytest.approx(np.mean([chain_steps_right(s["problem"], s["y_o"]) for s in rows]))
+        assert logged["refine/steps_valid_y_r"][step] == pytest.approx(np.mean(valid))
+        assert logged["refine/answer_patched"][step] == pytest.approx(np.mean([a and not v for a, v in zip(right, valid)]))
+        gaps = [s["y_r_logprob_plain"] - s["y_r_logprob_refine"] for s in rewrites]
+        assert logged["refine/coherence_gap"][step] == pytest.approx(np.mean(gaps), abs=1e-6)
+        assert logged["refine/y_r_logprob_refine_prompt"][step] == pytest.approx(np.mean([s["y_r_logprob_refine"] for s in rewrites]), abs=1e-6)
+        assert all(s["y_r_logprob_refine"] < 0 and s["y_r_logprob_plain"] < 0 for s in rewrites)
 
 
 def test_scheduled_measurements_are_written_even_between_logging_steps(tmp_path):

@@ -47,21 +47,25 @@ class EvaluationMixin:
         """``val/student`` for a single dataset, ``val/<dataset>/student`` for several."""
         return f"{stage}/{who}" if len(self.eval_datasets[stage]) == 1 else f"{stage}/{dataset}/{who}"
 
-    def correct_per_problem(self, batch: PromptBatch, rollouts: Rollouts) -> tuple[list[int], list[float] | None]:
-        """How many of each real (not padding) problem's completions are right, verified as one batch; and,
-        for a verifier that runs tests, the fraction of tests each of those completions passed."""
+    def correct_per_problem(self, batch: PromptBatch, rollouts: Rollouts) -> tuple[list[int], dict[str, list[float] | None]]:
+        """How many of each real (not padding) problem's completions are right, verified as one batch; and, per real
+        completion, what else the verifier can judge: the fraction of tests passed (code), whether every step is
+        right (tasks whose steps can be checked)."""
         counts = [0] * len(batch)
         verdicts, fractions = self.verifier.grade_many(rollouts.texts, [batch.answer[i] for i in rollouts.prompt_index])
         for i, correct in zip(rollouts.prompt_index, verdicts):
             counts[i] += int(correct)
         padding = batch.padding or [False] * len(batch)
-        if fractions is not None:
-            fractions = [f for i, f in zip(rollouts.prompt_index, fractions) if not padding[i]]
-        return [c for c, pad in zip(counts, padding) if not pad], fractions
+        real = [r for r, i in enumerate(rollouts.prompt_index) if not padding[i]]
+        steps = [self.verifier.steps_valid(batch.problem[rollouts.prompt_index[r]], rollouts.texts[r]) for r in real]
+        per_sample = {"tests_passed": None if fractions is None else [fractions[r] for r in real],
+                      "steps_valid": None if None in steps else [float(v) for v in steps]}
+        return [c for c, pad in zip(counts, padding) if not pad], per_sample
 
     def score(self, stage: str, dataloader_idx: int, who: str, batch: PromptBatch, rollouts: Rollouts) -> None:
         key = self.metric_key(stage, self.dataset_name(stage, dataloader_idx), who)
-        self.metrics[key].update(*self.correct_per_problem(batch, rollouts))
+        counts, per_sample = self.correct_per_problem(batch, rollouts)
+        self.metrics[key].update(counts, **per_sample)
 
     def evaluated_in(self, stage: str) -> tuple[str, ...]:
         """Who produces completions in this stage; the same on every rank, since computing a metric is a collective."""

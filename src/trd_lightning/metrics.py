@@ -21,9 +21,13 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - ratio
 
 
+PER_SAMPLE = ("tests_passed", "steps_valid")
+
+
 class SampledAccuracy(Metric):
-    """Over problems with n verified samples each: Avg@n (mean share correct) and Pass@k per k, and, when
-    the verifier grades tests (code), ``tests_passed``: the mean fraction of a row's tests a sample passed.
+    """Over problems with n verified samples each: Avg@n (mean share correct) and Pass@k per k; and the per-sample
+    means a verifier can add (``PER_SAMPLE``): ``tests_passed``, the fraction of a row's tests a sample passed
+    (code), and ``steps_valid``, the share of samples whose every step is right (tasks whose steps can be checked).
 
     States are sums and a count, so the DDP reduction (a sum) gives the exact global mean.
     """
@@ -38,10 +42,11 @@ class SampledAccuracy(Metric):
         self.add_state("avg_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("pass_sum", default=torch.zeros(len(self.ks), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("problems", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("tests_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("tests_count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        for name in PER_SAMPLE:
+            self.add_state(f"{name}_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(f"{name}_count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, correct_per_problem: Sequence[int], tests_passed: Sequence[float] | None = None) -> None:
+    def update(self, correct_per_problem: Sequence[int], **per_sample: Sequence[float] | None) -> None:
         counts = [int(c) for c in correct_per_problem]
         if any(not 0 <= c <= self.n for c in counts):
             raise ValueError(f"a problem's correct count must be in [0, {self.n}] (got {counts})")
@@ -51,9 +56,12 @@ class SampledAccuracy(Metric):
         self.avg_sum = self.avg_sum + sum(counts) / self.n
         self.pass_sum = self.pass_sum + passes.sum(0)
         self.problems = self.problems + len(counts)
-        if tests_passed is not None:  # per sample, a diagnostic
-            self.tests_sum = self.tests_sum + float(sum(tests_passed))
-            self.tests_count = self.tests_count + len(tests_passed)
+        for name, values in per_sample.items():
+            if name not in PER_SAMPLE:
+                raise ValueError(f"unknown per-sample value {name!r}; known: {list(PER_SAMPLE)}")
+            if values is not None:
+                setattr(self, f"{name}_sum", getattr(self, f"{name}_sum") + float(sum(values)))
+                setattr(self, f"{name}_count", getattr(self, f"{name}_count") + len(values))
 
     def compute(self) -> dict[str, torch.Tensor]:
         """Avg@n, Pass@k per k, and the number of problems, over every process."""
@@ -61,6 +69,7 @@ class SampledAccuracy(Metric):
         out = {"problems": self.problems.clone(), f"avg@{self.n}": (self.avg_sum / count).float()}
         for i, k in enumerate(self.ks):
             out[f"pass@{k}"] = (self.pass_sum[i] / count).float()
-        if self.tests_count > 0:  # the same on every process: the states are already reduced
-            out["tests_passed"] = (self.tests_sum / self.tests_count).float()
+        for name in PER_SAMPLE:
+            if getattr(self, f"{name}_count") > 0:  # the same on every process: the states are already reduced
+                out[name] = (getattr(self, f"{name}_sum") / getattr(self, f"{name}_count")).float()
         return out

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -58,6 +59,8 @@ from trd_lightning.metrics import SampledAccuracy
 from trd_lightning.views import ChatPrompts, ModelInputs, Views, build_views, pack
 
 TEACHER = "teacher"
+# What a sample line carries of the step's per-row measurements.
+SAMPLE_FIELDS = ("y_o_correct", "y_o_steps_valid", "y_o_truncated", "refined", "fallback", "y_r_correct", "y_r_steps_valid", "edit_similarity")
 VARLEN_ATTENTION = ("flash_attention", "flash-attn")  # attention kernels that take packed sequences as they are
 
 
@@ -121,7 +124,8 @@ class DistillationModule(EvaluationMixin, LightningModule):
             ones lose tail tokens of the attempt or reference, never of the problem.
         sync_every: for engines with their own weights, sync them every this many optimizer steps.
         pass_k: the k of Pass@k in evaluation (each <= eval_sampling.n).
-        log_samples_every: write sample (problem, y_o, y_r) text to the logger every this many steps.
+        log_samples_every: every this many steps, append the step's rows (problem, y_o, y_r and what was measured of
+            each) to ``samples/rank<r>.jsonl`` in the log dir, and show a few as text in TensorBoard; 0: never.
         evaluate_teacher: in ``test``, also score what the teacher produces (its own solution in
             its context, or its rewrites of the student's rollouts).
         export_student: at the end of fit, save the student with ``save_pretrained`` in the log dir.
@@ -438,7 +442,7 @@ class DistillationModule(EvaluationMixin, LightningModule):
         record.seconds["refine"] = time.perf_counter() - refine_start
         self.record_targets(batch, rollouts, targets, record)
         loss = self.learn(batch, rollouts, targets, record)
-        self.diagnose_rollouts(batch, rollouts, record)
+        coherence = self.diagnose_rollouts(batch, rollouts, targets, record)
         self.update(loss, record)
         # The callback's sync and rollout ran before this method; the step is all of it.
         record.seconds.update({name: self.timings[name] for name in ("sync", "rollout", "teacher", "student_forward") if name in self.timings})
@@ -446,7 +450,7 @@ class DistillationModule(EvaluationMixin, LightningModule):
         self.timings = dict(record.seconds)  # this step's stages, until the next step's rollout starts afresh
         self.log_record(record, step)
         if self.log_samples_every and step % self.log_samples_every == 0:
-            self.log_samples(batch, rollouts, targets)
+            self.log_samples(step, batch, rollouts, targets, record, coherence)
 
     def learn(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets, record: StepRecord) -> float | None:
         """Forward and backward passes over the step's micro-batches; the step's loss (the same on every rank), or
@@ -531,21 +535,54 @@ class DistillationModule(EvaluationMixin, LightningModule):
         engine = torch.tensor([value for row in rollouts.logprobs for value in row], dtype=torch.float64)
         record.add_tokens(logprob_gap=(engine - trainer_logprobs.detach().double().cpu()).abs())
 
-    def diagnose_rollouts(self, batch: PromptBatch, rollouts: Rollouts, record: StepRecord) -> None:
+    def diagnose_rollouts(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets, record: StepRecord) -> dict[int, dict[str, float]]:
         """For a rewriting refiner, every ``diagnostics_every`` steps: the teacher along y_o, in its scoring
-        context (an extra teacher pass, in micro-batches, on the same schedule on every rank)."""
+        context, and the coherence of each rewrite (extra teacher passes, in micro-batches, on the same schedule on
+        every rank). Returns each rewrite's coherence values by row, for the samples."""
         if not self.diagnostics_due(self.global_step):
-            return
+            return {}
         start = time.perf_counter()
         contexts = self.refiner.scoring_contexts(batch, rollouts.prompt_index, self.teacher_access)
-        for rows, inputs in self.micro_batches(contexts, rollouts.token_ids, self.packs(TEACHER)):
-            raw = self.teacher_forward(inputs)
-            ids = inputs.input_ids[inputs.target_mask].to(self.device)
-            logprobs, lse = token_stats(raw.hidden, raw.weight, raw.bias, ids, self.divergence.chunk_size)
+        for rows, logprobs, raw, lse in self.teacher_scores(contexts, rollouts.token_ids):
             if rows:
                 record.rows["diag_y_o_length"].extend(len(rollouts.token_ids[r]) for r in rows)
                 record.add_tokens(diag_y_o_teacher_logprob=logprobs, diag_y_o_pivot_mass=pivot_mass(raw.hidden, raw.weight, raw.bias, lse, self.pivot_ids))
+        coherence = self.coherence(batch, rollouts, targets, record)
         record.seconds["diagnostics"] = time.perf_counter() - start
+        return coherence
+
+    def coherence(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets, record: StepRecord) -> dict[int, dict[str, float]]:
+        """How likely the teacher finds each rewrite y_r in the context it was written and scored in (the refine
+        prompt, with the attempt and any reference) and in the student's plain prompt (the problem alone), as mean
+        log-probabilities per token. A rewrite the teacher finds likely only when it sees the privileged context
+        (a far lower plain score) is suspect: an answer copied into a flawed derivation reads that way."""
+        plain = [batch.prompt_ids[i] for i in rollouts.prompt_index]
+        means: dict[str, dict[int, float]] = {}
+        for name, contexts in (("refine", targets.teacher_contexts), ("plain", plain)):
+            means[name] = {}
+            for rows, logprobs, _, _ in self.teacher_scores(contexts, targets.token_ids):
+                for r, values in zip(rows, logprobs.split([len(targets.token_ids[r]) for r in rows])):
+                    if targets.refined[r] and len(values):
+                        means[name][r] = float(values.mean())
+        out = {}
+        for r in sorted(means["refine"]):
+            out[r] = {"y_r_logprob_refine": means["refine"][r], "y_r_logprob_plain": means["plain"][r]}
+            record.rows["coherence_refine"].append(out[r]["y_r_logprob_refine"])
+            record.rows["coherence_plain"].append(out[r]["y_r_logprob_plain"])
+            valid = record.rows.get("y_r_steps_valid")
+            if valid:  # tasks whose steps can be checked: split the signal by what the rewrite really is
+                record.rows["coherence_answer_patched"].append(float(record.rows["y_r_correct"][r] and not valid[r]))
+                record.rows["coherence_steps_valid"].append(valid[r])
+        return out
+
+    def teacher_scores(self, contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]):
+        """The teacher's log-probability of each target token in its context, a micro-batch at a time:
+        (rows, log-probabilities in row order, the teacher pass, log-normalisers); ``rows`` empty for a filler."""
+        for rows, inputs in self.micro_batches(contexts, targets, self.packs(TEACHER)):
+            raw = self.teacher_forward(inputs)
+            ids = inputs.input_ids[inputs.target_mask].to(self.device)
+            logprobs, lse = token_stats(raw.hidden, raw.weight, raw.bias, ids, self.divergence.chunk_size)
+            yield rows, logprobs, raw, lse
 
     # -- step metrics --------------------------------------------------------------------------------
     def record_targets(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets, record: StepRecord) -> None:
@@ -588,18 +625,27 @@ class DistillationModule(EvaluationMixin, LightningModule):
         for logger in self.loggers:
             logger.log_metrics(metrics, step=step)
 
-    def log_samples(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets, count: int = 4) -> None:
-        experiment = getattr(self.logger, "experiment", None)
-        if experiment is None or not hasattr(experiment, "add_text"):
-            return
-        rows = []
-        for r in range(min(count, len(rollouts))):
+    def log_samples(self, step: int, batch: PromptBatch, rollouts: Rollouts, targets: Targets, record: StepRecord,
+                    coherence: dict[int, dict[str, float]], count: int = 4) -> None:
+        """Every row of the step on this rank, with what was measured of it, appended to ``samples/rank<r>.jsonl``
+        in the log dir (to read, recount or grep); the first ``count`` as text in TensorBoard."""
+        samples = []
+        for r in range(len(rollouts)):
             i = rollouts.prompt_index[r]
-            rows.append(
-                f"**problem** {batch.problem[i]}  \n**answer** {batch.answer[i]}  \n**y_o** `{rollouts.texts[r]}`"
-                + (f"  \n**y_r** `{targets.texts[r]}`" if targets.refined[r] else "")
-            )
-        experiment.add_text("samples", "\n\n---\n\n".join(rows), self.global_step)
+            sample = {"step": step, "problem": batch.problem[i], "answer": batch.answer[i], "y_o": rollouts.texts[r],
+                      "y_r": targets.texts[r] if targets.refined[r] else None, **coherence.get(r, {})}
+            sample.update({name: values[r] for name, values in record.rows.items() if name in SAMPLE_FIELDS})
+            samples.append(sample)
+        if self.trainer.log_dir is not None:
+            path = Path(self.trainer.log_dir) / "samples" / f"rank{self.global_rank}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(sample) + "\n" for sample in samples)
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_text"):
+            experiment.add_text("samples", "\n\n---\n\n".join(
+                f"**problem** {s['problem']}  \n**answer** {s['answer']}  \n**y_o** `{s['y_o']}`"
+                + (f"  \n**y_r** `{s['y_r']}`" if s["y_r"] is not None else "") for s in samples[:count]), step)
 
     # -- evaluation ----------------------------------------------------------------------------------
     def sync_student(self) -> None:

@@ -96,6 +96,14 @@ def step_metrics(record: StepRecord, threshold: float, target_name: str) -> dict
             valid = pick("y_r_steps_valid")
             out["refine/steps_valid_y_r"] = mean(valid)
             out["refine/answer_patched"] = mean([float(right and not ok) for right, ok in zip(y_r, valid)])
+    if rows.get("coherence_refine"):  # the diagnostics pass: each rewrite without the privileged context, on its schedule
+        refine, plain = rows["coherence_refine"], rows["coherence_plain"]
+        gaps = [p - r for p, r in zip(plain, refine)]
+        out["refine/y_r_logprob_refine_prompt"], out["refine/y_r_logprob_plain_prompt"] = mean(refine), mean(plain)
+        out["refine/coherence_gap"] = mean(gaps)
+        for name, flags in (("steps_valid", rows.get("coherence_steps_valid")), ("answer_patched", rows.get("coherence_answer_patched"))):
+            if flags:
+                out[f"refine/coherence_gap_{name}"] = mean([gap for gap, flag in zip(gaps, flags) if flag])
     # the loss and its per-token values
     if totals.get("target_tokens"):
         out["train/loss"] = totals["loss"]
