@@ -86,7 +86,7 @@ def test_property_truncation_and_alignment(tokenizer, problem, reference, attemp
     limit = floor + slack
     teacher_ctx = prompts.encode(template, limit, problem=problem, solution=reference, attempt=attempt)
     assert len(teacher_ctx) <= limit
-    assert f"<|im_start|>user\n{problem}\nreference:" in tokenizer.decode(teacher_ctx)
+    assert f"<|im_start|>user\n{problem}\nattempt:" in tokenizer.decode(teacher_ctx)
     student_ctx = prompts.encode(Template("demo_student"), limit, problem=problem)
     views = build_views([student_ctx], [teacher_ctx], [target], tokenizer.pad_token_id)
     for inputs, context in ((views.student, student_ctx), (views.teacher, teacher_ctx)):
