@@ -11,7 +11,7 @@ models. On the demo the chain verifier says what each rewrite really is, so the 
 Answer-patched rewrites (right answer, a wrong step) need a self-teacher that writes them. The demo student as built
 before issue #17 did: its refine-with-reference skill had seen value slips only, with the reference before the
 attempt in its prompt. This script rebuilds that student (``configs/demo/sft_student.yaml`` with the old settings,
-``SLIPS_ONLY``; about 5 minutes, once per ``--out``) unless ``--slips-only-student`` names one, and runs TRD on OPSD with each self-teacher for ``--steps`` steps, every step
+``SLIPS_ONLY``; about 5 minutes, kept in ``--out`` for later runs) unless ``--slips-only-student`` names one, and runs TRD on OPSD with each self-teacher for ``--steps`` steps, every step
 diagnosed and sampled (``diagnostics_every: 1``, ``log_samples_every: 1``). It prints, per self-teacher and per
 kind of rewrite with a right answer (step-valid, answer-patched): the count, the quantiles of the gap and of the two
 log-probabilities, and the AUROC of the negated gap as a detector of answer-patched rewrites.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -59,12 +60,12 @@ def template_file(out: Path) -> Path:
 def train(student: str, name: str, opts, *extra: str) -> list[dict]:
     """TRD on OPSD with this self-teacher; every row of every step, from the samples file."""
     run = opts.out / name / "run"
-    if not (run / "samples" / "rank0.jsonl").exists():
-        run_cli(["fit", f"--config={ROOT / 'configs/demo/trd_opsd.yaml'}", f"--model.init_args.student.path={student}", *extra,
-                 f"--trainer.max_steps={opts.steps}", "--model.init_args.diagnostics_every=1", "--model.init_args.log_samples_every=1",
-                 "--model.init_args.export_student=false", "--validate_before_fit=false", "--trainer.val_check_interval=100000",
-                 "--trainer.callbacks.init_args.every_n_train_steps=100000", f"--trainer.logger.init_args.save_dir={opts.out}",
-                 f"--trainer.logger.init_args.name={name}", "--trainer.logger.init_args.version=run", "--trainer.enable_progress_bar=false"])
+    shutil.rmtree(run, ignore_errors=True)  # an earlier run's samples would be read with these
+    run_cli(["fit", f"--config={ROOT / 'configs/demo/trd_opsd.yaml'}", f"--model.init_args.student.path={student}", *extra,
+             f"--trainer.max_steps={opts.steps}", "--model.init_args.diagnostics_every=1", "--model.init_args.log_samples_every=1",
+             "--model.init_args.export_student=false", "--validate_before_fit=false", "--trainer.val_check_interval=100000",
+             "--trainer.callbacks.init_args.every_n_train_steps=100000", f"--trainer.logger.init_args.save_dir={opts.out}",
+             f"--trainer.logger.init_args.name={name}", "--trainer.logger.init_args.version=run", "--trainer.enable_progress_bar=false"])
     return [json.loads(line) for line in (run / "samples" / "rank0.jsonl").read_text().splitlines()]
 
 

@@ -22,6 +22,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -83,6 +84,7 @@ def train_and_test(configs: list[str], name: str, seed: int, opts) -> dict:
     """`trd fit` then `trd test` of the last checkpoint; returns the test row and the run's scalars."""
     print(f"=== {name}, seed {seed}: started at {time.strftime('%X')}", flush=True)
     version = f"seed{seed}"
+    fresh(opts.out / name / version, opts.out / name / f"{version}_test")
     fit = ["fit", *common(configs, opts.out, name, version), f"--seed_everything={seed}",
            f"--trainer.max_steps={opts.steps}", f"--trainer.val_check_interval={opts.val_every}",
            f"--trainer.callbacks.init_args.every_n_train_steps={opts.steps}", "--model.init_args.export_student=false"]
@@ -98,6 +100,12 @@ def train_and_test(configs: list[str], name: str, seed: int, opts) -> dict:
     return {"test": row, "scalars": read_scalars(opts.out / name / version), "fit_seconds": fit_seconds}
 
 
+def fresh(*directories: Path) -> None:
+    """Remove an earlier run's logs: its event files would be read with the new ones, and its last.ckpt tested."""
+    for directory in directories:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -108,6 +116,7 @@ def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def reference_rows(opts) -> list[dict]:
     """The teacher and the untrained student under the same test protocol."""
+    fresh(opts.out / "reference" / "untrained")
     run_cli(["test", *common(["configs/demo/opd.yaml"], opts.out, "reference", "untrained"), "--seed_everything=0",
              *test_args(opts)])
     return json.loads((opts.out / "reference" / "untrained" / "results.json").read_text())["results"]
