@@ -34,11 +34,11 @@ class ServerClient:
 
     ``timeout``: seconds to wait to connect, and then for each read of the answer; ``max_retries``: retries of a
     failed request; ``backoff``: the first wait before a retry, doubled each time; ``max_concurrent``: requests in
-    flight at once in ``map``.
+    flight at once in ``map``; ``what``: what the servers serve, for messages.
     """
 
-    def __init__(self, urls: Sequence[str], timeout: float, max_retries: int, backoff: float, max_concurrent: int):
-        self.urls = [url.rstrip("/") for url in urls]
+    def __init__(self, urls: Sequence[str], timeout: float, max_retries: int, backoff: float, max_concurrent: int, what: str = "server"):
+        self.urls, self.what = [url.rstrip("/") for url in urls], what
         self.timeout, self.max_retries, self.backoff, self.max_concurrent = timeout, max_retries, backoff, max_concurrent
         self.turn = itertools.count()  # which server a request tries first: round-robin (next() on a count is atomic in CPython)
         self.local = threading.local()  # a requests.Session per thread: sessions are not thread-safe
@@ -68,7 +68,7 @@ class ServerClient:
             if attempt < self.max_retries:
                 time.sleep(self.backoff * 2**attempt)
         raise ServerUnavailableError(
-            f"no answer to {method} {path} after {self.max_retries + 1} attempts over {time.monotonic() - start:.0f} s "
+            f"the {self.what} gave no answer to {method} {path} after {self.max_retries + 1} attempts over {time.monotonic() - start:.0f} s "
             f"(timeout {self.timeout:g} s each); the last: {errors[-1]}"
         )
 

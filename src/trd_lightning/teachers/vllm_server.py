@@ -69,7 +69,7 @@ class VLLMServerTeacher(Teacher):
         if not timeout > 0 or max_retries < 0 or retry_backoff < 0 or max_concurrent_requests <= 0:
             raise ValueError("VLLMServerTeacher needs timeout > 0, max_retries >= 0, retry_backoff >= 0 and max_concurrent_requests > 0")
         self.urls, self.model, self.top_k = list(urls), model, top_k
-        self.client = ServerClient(self.urls, timeout, max_retries, retry_backoff, max_concurrent_requests)
+        self.client = ServerClient(self.urls, timeout, max_retries, retry_backoff, max_concurrent_requests, what=f"teacher server ({model})")
         self.tokenizer = None
         self.stop_ids: set[int] = set()
 
