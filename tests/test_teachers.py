@@ -1,15 +1,21 @@
-"""The served teacher's start-up refusals, which need no server: they stop a run before it computes anything.
+"""The served teacher's refusals and failures that need no vLLM: start-up errors stop a run before it computes anything;
+a request nobody answers (a local server that holds requests: the one fake) is retried, then fails.
 The rest of ``VLLMServerTeacher`` runs against a real vLLM server in ``test_vllm_server.py`` (CI's vLLM stage)."""
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
 import time
 
 import pytest
 
 from trd_lightning.cli import main
+from trd_lightning.teachers import VLLMServerTeacher
+from trd_lightning.teachers.client import ServerUnavailableError
 from trd_lightning.teachers.serve import free_port
+from trd_lightning.views import pack
 
 from .test_cli import ROOT, scalars
 
@@ -38,3 +44,44 @@ def test_a_server_down_at_start_up_stops_before_any_compute(tmp_path):
     assert not any(scalars(run) for run in tmp_path.glob("*/version_*"))  # no step ran: nothing measured
 
 
+
+
+class Holding(http.server.ThreadingHTTPServer):
+    """A server that accepts every request and never answers it (until ``release``)."""
+
+    def __init__(self):
+        self.seen, self.released = 0, threading.Event()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                outer.seen += 1
+                outer.released.wait()
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.daemon_threads = True
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def close(self) -> None:
+        self.released.set()
+        self.shutdown()
+        self.server_close()
+
+
+def test_a_request_nobody_answers_times_out_is_retried_then_fails_naming_what_happened():
+    holding = Holding()
+    try:
+        teacher = VLLMServerTeacher([holding.url], "demo-teacher", top_k=0, timeout=0.3, max_retries=2, retry_backoff=0.05)
+        with pytest.raises(ServerUnavailableError, match=r"teacher server \(demo-teacher\) gave no answer to POST /v1/completions "
+                                                         r"after 3 attempts .*timeout 0.3 s each.*ReadTimeout"):
+            teacher.score(pack([[1, 2]], [[3]], pad_id=0))
+        assert holding.seen == 3
+    finally:
+        holding.close()

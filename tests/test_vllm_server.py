@@ -8,7 +8,6 @@ answers in the hanging-request test: a local HTTP server that accepts requests a
 
 from __future__ import annotations
 
-import http.server
 import json
 import shutil
 import threading
@@ -32,7 +31,7 @@ from trd_lightning.teachers.serve import CPU_ARGS, VLLMServerProcess  # noqa: E4
 from trd_lightning.views import build_views, pack  # noqa: E402
 
 from .test_cli import scalars  # noqa: E402
-from .test_teachers import fit_args  # noqa: E402
+from .test_teachers import Holding, fit_args  # noqa: E402
 
 NAME = "demo-teacher"
 TOP_K = 32
@@ -100,9 +99,9 @@ def test_trd_and_opd_k3_train_two_steps_with_the_server_teacher(server, tmp_path
     trd = scalars(tmp_path / "demo_trd_server" / "version_0")
     assert [s for s, _ in trd["train/loss"]] == [0, 1] and all(v > 0 for _, v in trd["refine/refined_fraction"])  # the server rewrote
 
-    overlay = tmp_path / "server_teacher.yaml"  # OPD's config, its teacher served, the sampled-token k3 estimator
+    overlay = tmp_path / "server_teacher.yaml"  # OPD's config, its teacher served, k3 (the target's log-probability only)
     overlay.write_text(json.dumps({"model": {"init_args": {
-        "teacher": {"class_path": "trd_lightning.teachers.VLLMServerTeacher", "init_args": {"urls": [server.url], "model": NAME}},
+        "teacher": {"class_path": "trd_lightning.teachers.VLLMServerTeacher", "init_args": {"urls": [server.url], "model": NAME, "top_k": 0}},
         "divergence": {"class_path": "trd_lightning.losses.Divergence", "init_args": {"direction": "reverse", "support": "sampled", "estimator": "k3"}},
     }}}))
     main([*fit_args("demo/opd.yaml", tmp_path), "--config", str(overlay)])
@@ -123,35 +122,6 @@ def test_a_server_with_another_tokenizer_is_refused_at_start_up(tmp_path):
             main(fit_args("demo/trd_server.yaml", tmp_path, swapped.url, "--model.init_args.teacher.init_args.model=swapped-teacher"))
     assert "swapped-teacher" in str(stopped.value) and "student's tokenizer" in str(stopped.value)
     assert not list(tmp_path.rglob("*.ckpt"))
-
-
-class Holding(http.server.ThreadingHTTPServer):
-    """A server that accepts every request and never answers it (until ``release``)."""
-
-    def __init__(self):
-        self.seen, self.released = 0, threading.Event()
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                outer.seen += 1
-                outer.released.wait()
-
-            def log_message(self, *args):
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.daemon_threads = True
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def close(self) -> None:
-        self.released.set()
-        self.shutdown()
-        self.server_close()
 
 
 def test_a_hanging_request_times_out_and_is_retried_on_the_next_server(server, local):
