@@ -43,6 +43,12 @@ class ServerClient:
         self.turn = itertools.count()  # which server a request tries first: round-robin (next() on a count is atomic in CPython)
         self.local = threading.local()  # a requests.Session per thread: sessions are not thread-safe
 
+    def __getstate__(self) -> dict:  # picklable (spawned processes): sessions and the turn counter start afresh
+        return {k: v for k, v in self.__dict__.items() if k not in ("turn", "local")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, turn=itertools.count(), local=threading.local())
+
     def session(self) -> requests.Session:
         if not hasattr(self.local, "session"):
             self.local.session = requests.Session()
