@@ -139,8 +139,8 @@ class VLLMServerTeacher(Teacher):
                 ids.append([k for _, k in top])
                 logprobs.append([v for v, _ in top])
                 target_logprobs.append(entry[str(token)]["logprob"])
-        return SparseScores(torch.tensor(ids, dtype=torch.long).reshape(-1, self.top_k),
-                            torch.tensor(logprobs, dtype=torch.float32).reshape(-1, self.top_k),
+        shape = (len(target_logprobs), self.top_k)  # explicit: top_k may be 0 (the sampled-token estimators need none)
+        return SparseScores(torch.tensor(ids, dtype=torch.long).reshape(shape), torch.tensor(logprobs, dtype=torch.float32).reshape(shape),
                             torch.tensor(target_logprobs, dtype=torch.float32))
 
     # -- requests ------------------------------------------------------------------------------------
