@@ -72,8 +72,9 @@ def test_fit_logs_checkpoints_exports_and_resumes_at_the_right_step(student_dir,
     assert torch.load(run.parent / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
 
 
-def test_print_config_round_trips(tmp_path):
-    first = subprocess.run([sys.executable, "-m", "trd_lightning.cli", "fit", "--config", str(DEMO / "trd.yaml"), "--print_config"],
+@pytest.mark.parametrize("config", ["demo/trd.yaml", "demo/trd_server.yaml", "trd_server.yaml"])
+def test_print_config_round_trips(config, tmp_path):
+    first = subprocess.run([sys.executable, "-m", "trd_lightning.cli", "fit", "--config", str(ROOT / "configs" / config), "--print_config"],
                            capture_output=True, text=True, check=True, cwd=ROOT).stdout
     saved = tmp_path / "printed.yaml"
     saved.write_text(first)

@@ -63,10 +63,12 @@ def test_lora_weights_are_merged_for_the_engine_and_the_model_is_untouched(stude
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_a_frozen_lora_self_teacher_syncs_the_base_weights(student_dir):
+def test_a_frozen_lora_self_teacher_syncs_the_base_weights(student_dir, tokenizer):
     model = lora_model(student_dir)
     base = load_model(ModelSpec(path=student_dir)).state_dict()
-    with SelfTeacher(frozen=True).scope(model, None) as teacher:
+    self_teacher = SelfTeacher(frozen=True)
+    assert self_teacher.setup(model, tokenizer, HFEngine()) is None  # LoRA: the base weights, no copy
+    with self_teacher.scope() as teacher:
         state = hf_state_dict(teacher)
     assert all(torch.equal(state[k], base[k]) for k in base)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from trd_lightning.losses import Divergence
+from trd_lightning.scores import SparseScores
 
 N, H, HT, V = 13, 8, 6, 37
 LENGTHS = torch.tensor([5, 0, 8])  # a sequence with no target tokens must not change anything
@@ -50,10 +51,17 @@ def dense_reference(cfg: dict, h, w, h_t, w_t, b, targets, lengths):
             advantage = (lt_y - ls_y).detach()
             values = (ls_y - lt_y).detach() - advantage * (ls_y - ls_y.detach())
     else:
-        if support == "topk":
+        if support == "topk" and cfg.get("tail"):  # k + 1 outcomes: the teacher's top-k tokens, and all the rest as one
             index = zt.topk(cfg["top_k"], dim=-1).indices
-            zs, zt = zs.gather(-1, index), zt.gather(-1, index)
-        ls, lt = zs.log_softmax(-1), zt.log_softmax(-1)
+            ls, lt = zs.log_softmax(-1), zt.log_softmax(-1)
+            rest = torch.ones_like(zs, dtype=torch.bool).scatter(-1, index, False)
+            ls = torch.cat([ls.gather(-1, index), ls.masked_fill(~rest, -math.inf).logsumexp(-1, keepdim=True)], -1)
+            lt = torch.cat([lt.gather(-1, index), lt.masked_fill(~rest, -math.inf).logsumexp(-1, keepdim=True)], -1)
+        elif support == "topk":
+            index = zt.topk(cfg["top_k"], dim=-1).indices
+            ls, lt = zs.gather(-1, index).log_softmax(-1), zt.gather(-1, index).log_softmax(-1)
+        else:
+            ls, lt = zs.log_softmax(-1), zt.log_softmax(-1)
         direction, beta = cfg.get("direction", "reverse"), cfg.get("beta", 0.5)
         if direction == "forward" or (direction == "jsd" and beta == 0):
             values = kl(lt, ls)
@@ -84,7 +92,10 @@ CONFIGS = [
 ] + [
     dict(support="sampled", estimator=e, **extra)
     for e, extra in itertools.product(["k1", "k3", "pg"], [{}, {"clip": 0.1}, {"temperature": 0.8}, {"reduction": "sequence"}])
-] + [dict(direction="jsd", beta=0.1), dict(direction="jsd", beta=0.9, clip=0.02)]
+] + [dict(direction="jsd", beta=0.1), dict(direction="jsd", beta=0.9, clip=0.02)] + [
+    dict(direction=d, support="topk", tail=True, **extra)
+    for d, extra in itertools.product(["forward", "reverse", "jsd"], [{}, {"temperature": 1.7}, {"clip": 0.05}])
+]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
@@ -192,3 +203,46 @@ def test_no_target_tokens_is_an_error_not_a_zero_loss():
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Divergence(**kwargs)
+
+
+SPARSE_CONFIGS = [c for c in CONFIGS if c.get("support") in ("topk", "sampled")
+                  and (c.get("temperature", 1.0) == 1.0 or (c.get("support") == "topk" and not c.get("tail")))]
+
+
+@pytest.mark.parametrize("cfg", SPARSE_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_sparse_scores_from_full_logits_equal_the_dense_path(cfg):
+    """What a server teacher sends (its top-k, here 8 of them, and the target's log-probability), computed from a local
+    teacher's full logits, gives the dense path's values and gradients for every divergence sparse scores support."""
+    cfg = {"top_k": 5, **cfg}
+    h, w, h_t, w_t, b, targets = inputs(bias=True, seed=7)
+    divergence = Divergence(**cfg, chunk_size=4)
+    dense = divergence(h, w, h_t, w_t, targets, LENGTHS, student_bias=b)
+    sparse = divergence.against(SparseScores.from_logits(h_t @ w_t.T, targets, top_k=8), h, w, targets, LENGTHS, b)
+    torch.testing.assert_close(sparse.loss, dense.loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(sparse.per_token, dense.per_token, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(sparse.teacher_logprobs, dense.teacher_logprobs, atol=1e-6, rtol=1e-6)
+    for got, want in zip(grads(sparse.loss, [h, w, b]), grads(dense.loss, [h, w, b])):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, top_k, match",
+    [
+        ({"support": "full"}, 8, "support: full needs the teacher's whole distribution"),
+        ({"support": "sampled", "temperature": 0.8}, 8, "temperature"),
+        ({"support": "topk", "tail": True, "temperature": 0.8}, 8, "temperature"),
+        ({"support": "topk", "top_k": 16}, 8, "top_k=16 needs the teacher's top-16"),
+    ],
+)
+def test_what_sparse_scores_cannot_compute_is_refused_with_the_reason(kwargs, top_k, match):
+    divergence = Divergence(**kwargs)
+    divergence.check_teacher("dense")  # a local teacher computes anything
+    with pytest.raises(ValueError, match=match):
+        divergence.check_teacher("sparse", top_k, "the server teacher")
+
+
+def test_tail_needs_topk_and_a_tail():
+    with pytest.raises(ValueError, match="needs support: topk"):
+        Divergence(support="full", tail=True)
+    with pytest.raises(ValueError, match="no tail"):
+        Divergence(support="topk", top_k=V, tail=True).check_vocab(V)

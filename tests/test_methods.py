@@ -132,7 +132,7 @@ def run_steps(module, tokenizer, chain_data, tmp_path, steps=3):
 
 
 def teacher_state(module):
-    with module.teacher_scope() as teacher, torch.no_grad():
+    with module.teacher.scope() as teacher, torch.no_grad():
         return {k: v.detach().clone() for k, v in teacher.state_dict().items() if "lora_" not in k}
 
 
@@ -145,10 +145,10 @@ def test_opsd_frozen_teacher_keeps_step0_weights_and_live_teacher_follows(lora, 
         module.configure_model()
         assert (module.teacher_model is None) == (lora is not None or not frozen)  # LoRA: no second copy
         prompt = torch.tensor([[258, 117, 115, 101, 114, 10, 49]])
-        with module.teacher_scope() as teacher, torch.no_grad():
+        with module.teacher.scope() as teacher, torch.no_grad():
             before = teacher(input_ids=prompt).logits
         run_steps(module, tokenizer, chain_data, tmp_path)
-        with module.teacher_scope() as teacher, torch.no_grad():
+        with module.teacher.scope() as teacher, torch.no_grad():
             after = teacher(input_ids=prompt).logits
         with torch.no_grad():
             module.student.eval()

@@ -63,8 +63,8 @@ class NaNLoss:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def __call__(self, *args, **kwargs):
-        out = self.inner(*args, **kwargs)
+    def against(self, *args, **kwargs):  # what the module calls, with the teacher's scores
+        out = self.inner.against(*args, **kwargs)
         out.loss = out.loss * float("nan")
         return out
 

@@ -92,3 +92,11 @@ def test_property_truncation_and_alignment(tokenizer, problem, reference, attemp
     for inputs, context in ((views.student, student_ctx), (views.teacher, teacher_ctx)):
         assert inputs.input_ids[0, inputs.target_mask[0]].tolist() == target
         assert inputs.target_mask[0].nonzero().flatten().tolist() == list(range(len(context), len(context) + len(target)))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_inputs_give_back_each_sequence_as_packed(packed):
+    """A teacher scored elsewhere gets each (context, target) back from a micro-batch's inputs, padded or packed."""
+    contexts, targets = [[5, 6, 7], [8], [9, 10]], [[1, 2], [3, 4, 5], []]
+    inputs = pack(contexts, targets, pad_id=0, packed=packed)
+    assert inputs.sequences() == list(zip(contexts, targets))

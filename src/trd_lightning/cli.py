@@ -16,10 +16,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from trd_lightning.data.prompts import DataError
 from trd_lightning.module import SettingsError
-from trd_lightning.reliability import CheckpointError, SafeCheckpointIO, check_checkpoint, find_last_checkpoint
+from trd_lightning.reliability import CheckpointError, ResumableError, SafeCheckpointIO, check_checkpoint, find_last_checkpoint
+from trd_lightning.teachers import TeacherSetupError
 
 PLUGINS = (
-    "teachers: trd_lightning.teachers.SeparateTeacher | SelfTeacher; "
+    "teachers: trd_lightning.teachers.SeparateTeacher | SelfTeacher | VLLMServerTeacher; "
     "refiners: trd_lightning.refiners.Identity | TeacherRewrite; "
     "divergence: trd_lightning.losses.Divergence; "
     "engines: trd_lightning.rollout.HFEngine; "
@@ -139,8 +140,11 @@ def main(args: list[str] | None = None) -> None:
         TRDCLI(args=args)
     except SIGTERMException:
         sys.exit("trd: stopped by SIGTERM after a checkpoint (last.ckpt); resume with --ckpt_path last")
-    except (DataError, CheckpointError, SettingsError) as error:  # bad data, checkpoint or setting: the message is the whole story
+    except (DataError, CheckpointError, SettingsError, TeacherSetupError) as error:  # the message is the whole story
         sys.exit(f"trd: error: {error}")
+    except ResumableError as error:  # a teacher server stayed down: nothing of the run is lost
+        saved = f"saved {error.checkpoint}; once it is back, resume with --ckpt_path last" if error.checkpoint else "nothing was saved"
+        sys.exit(f"trd: error: {error}\ntrd: stopped: {saved}")
 
 
 if __name__ == "__main__":

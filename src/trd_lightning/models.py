@@ -335,6 +335,28 @@ def packs_correctly(model: nn.Module, device, vocab: int) -> bool:
     return bool(gap <= tolerance * alone.float().abs().max().clamp(min=1.0))
 
 
+VARLEN_ATTENTION = ("flash_attention", "flash-attn")  # attention kernels that take packed sequences as they are
+
+
+def packs_sequences(model: nn.Module, packing: str, device, role: str) -> bool:
+    """Whether ``role``'s micro-batches go into one row without padding. ``packing: auto`` packs where the attention
+    has varlen kernels (flash-attention), which cost each sequence what it costs alone; sdpa and eager attention
+    would compute the whole packed row as one masked square, so there the micro-batches are right-padded, sorted by
+    length. Packing is used only once the model is seen to keep packed sequences apart (a forward: every rank)."""
+    from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+    attention = str(base_model(model).config._attn_implementation)
+    wanted = packing == "always" or (packing == "auto" and any(a in attention for a in VARLEN_ATTENTION))
+    works = wanted and packs_correctly(model, device, vocab_size(model))
+    if wanted and not works:
+        rank_zero_warn(f"the {role} model lets packed sequences attend to each other (attention {attention!r}); "
+                       "its micro-batches are right-padded instead")
+    elif not wanted and packing == "auto":
+        rank_zero_info(f"the {role} model's attention ({attention!r}) has no varlen kernel: its micro-batches are right-padded, "
+                       "sorted by length (attn_implementation: flash_attention_2 packs them without padding)")
+    return works
+
+
 def stop_token_ids(tokenizer, model: nn.Module | None = None) -> set[int]:
     """Tokens that end a completion: the tokenizer's EOS, the model's generation EOS ids, and the
     chat template's end-of-turn marker when the vocabulary has one."""

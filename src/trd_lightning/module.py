@@ -4,7 +4,7 @@
                        -> Refiner: targets (y_o, or y_r from one teacher call) and the teacher's contexts
                        -> micro-batches under a token budget, the same count on every rank
                           for each: views (the same target ids after each model's context, packed),
-                          teacher forward (no autograd), student forward, Divergence, backward
+                          teacher.score (no autograd), student forward, Divergence, backward
                        -> loss = token mean over every target token of the global batch
                        -> clip, optimizer step, LR schedule step
                        -> one record of what the step measured -> metrics, logged once
@@ -16,7 +16,6 @@ import json
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -27,13 +26,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from rapidfuzz.distance import Levenshtein
 
 from trd_lightning.data.prompts import PromptBatch
-from trd_lightning.diagnostics import DEFAULT_PIVOTS, PositionProfile, pivot_mass, pivot_token_ids, token_stats
+from trd_lightning.diagnostics import DEFAULT_PIVOTS, PositionProfile, pivot_token_ids, token_stats
 from trd_lightning.evaluation import EvaluationMixin, check_answers, plot_position_profiles
 from trd_lightning.losses import Divergence, DivergenceOutput
 from trd_lightning.models import (
     ModelSpec,
     Sharding,
-    base_model,
     check_plain_head,
     export_hf,
     is_sharded,
@@ -41,27 +39,27 @@ from trd_lightning.models import (
     load_model,
     load_tokenizer,
     output_head,
-    packs_correctly,
+    packs_sequences,
     stop_token_ids,
     vocab_size,
 )
 from trd_lightning.micro_batches import plan_micro_batches
 from trd_lightning.optim import WarmupCosine
-from trd_lightning.reliability import GracefulInterrupt, NonFiniteGuard
+from trd_lightning.reliability import GracefulInterrupt, NonFiniteGuard, SaveOnResumableError
 from trd_lightning.refiners import Identity, Refiner, TeacherAccess, Targets
 from trd_lightning.rollout import HFEngine, RolloutCallback, RolloutEngine, Rollouts, Sampling
 from trd_lightning.rollout.callback import STUDENT
 from trd_lightning.rollout.guard import LogprobGuard
 from trd_lightning.step_metrics import StepRecord, gather, step_metrics
+from trd_lightning.scores import TeacherScores
 from trd_lightning.teachers import Teacher, evaluating
+from trd_lightning.teachers.local import TEACHER, exclude_reloadable_teacher
 from trd_lightning.verifiers import ExactMatch, Verifier
 from trd_lightning.metrics import SampledAccuracy
-from trd_lightning.views import ChatPrompts, ModelInputs, Views, build_views, pack
+from trd_lightning.views import ChatPrompts, Views, build_views, pack
 
-TEACHER = "teacher"
 # What a sample line carries of the step's per-row measurements.
 SAMPLE_FIELDS = ("y_o_correct", "y_o_steps_valid", "y_o_truncated", "refined", "fallback", "y_r_correct", "y_r_steps_valid", "edit_similarity")
-VARLEN_ATTENTION = ("flash_attention", "flash-attn")  # attention kernels that take packed sequences as they are
 
 
 class SettingsError(ValueError):
@@ -83,19 +81,13 @@ def check_trainer(trainer) -> None:
         )
 
 
-@dataclass
-class TeacherPass:
-    hidden: torch.Tensor  # [N, H_t] at the target positions
-    weight: torch.Tensor  # the LM head [V, H_t]
-    bias: torch.Tensor | None
-
-
 class DistillationModule(EvaluationMixin, LightningModule):
     """Distils a teacher into the student on the student's own rollouts (OPD, OPSD, TRD).
 
     Args:
         student: the model being trained (a local path or a config; optional LoRA).
-        teacher: ``SeparateTeacher`` (OPD) or ``SelfTeacher`` (OPSD).
+        teacher: ``SeparateTeacher`` (OPD), ``SelfTeacher`` (OPSD), or ``VLLMServerTeacher`` (a teacher served by
+            ``vllm serve`` elsewhere: top-k and sampled-token divergences only).
         refiner: ``Identity`` (train on y_o) or ``TeacherRewrite`` (TRD: train on y_r).
         divergence: the per-token loss; null takes the refiner's default (reverse KL for
             Identity, forward KL for TeacherRewrite, both over the full vocabulary).
@@ -182,6 +174,7 @@ class DistillationModule(EvaluationMixin, LightningModule):
         self.teacher = teacher
         self.refiner = refiner or Identity()
         self.divergence = divergence or self.refiner.default_divergence()
+        self.teacher.check_divergence(self.divergence)  # e.g. a full-vocabulary divergence from top-k scores: refused now
         self.engine = engine or HFEngine()
         self.logprob_guard = logprob_guard or (LogprobGuard() if self.engine.holds_weights else None)
         self.sampling = sampling or Sampling()
@@ -212,7 +205,7 @@ class DistillationModule(EvaluationMixin, LightningModule):
         self.check_sampling(student.config_vocab_size())  # before any weights load; again once they have
         self.pivot_ids = pivot_token_ids(self.tokenizer, pivot_tokens)
         self.student = None
-        self.teacher_model = None  # the teacher's own weights, when it has any (not for a live/LoRA self-teacher)
+        self.teacher_model = None  # the teacher's own weights, when it has any here (not for a live/LoRA self-teacher or a server)
         self.stop_ids: set[int] = set()
         self.timings: dict[str, float] = {}
         self.skipped_empty = 0
@@ -225,37 +218,17 @@ class DistillationModule(EvaluationMixin, LightningModule):
         if self.student is not None:
             return
         self.student = load_model(self.student_spec)
-        self.teacher_model = self.teacher.build(self.student)  # a frozen copy is taken before any sharding
-        with self.teacher_scope() as teacher:
-            self.check_vocabularies(teacher)
-            check_plain_head(teacher, "teacher")
         check_plain_head(self.student, "student")
         self.check_sampling(vocab_size(self.student))
         self.stop_ids = stop_token_ids(self.tokenizer, self.student)
         self.engine.setup(self.tokenizer, self.stop_ids)
+        # Loads, builds (a frozen copy is taken before any sharding) or connects, and checks the vocabulary.
+        self.teacher_model = self.teacher.setup(self.student, self.tokenizer, self.engine)
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over its data-parallel dimension
             mesh = self.device_mesh["data_parallel"]
             self.sharding.apply(self.student, mesh)
-            if self.teacher_model is not None:
-                self.sharding.apply(self.teacher_model, mesh)
-        self.exclude_reloadable_teacher()
-
-    def exclude_reloadable_teacher(self) -> None:
-        """A teacher loaded from a path is left out of checkpoints (an 8B teacher would double each one) and
-        not expected back when one loads; a frozen step-0 copy stays in them."""
-        if self.teacher.persistent or self.teacher_model is None:
-            return
-        marker = "teacher_model."
-
-        def drop_from_state_dict(module, state_dict, prefix, local_metadata):
-            for key in [k for k in state_dict if k.startswith(prefix + marker)]:
-                del state_dict[key]
-
-        def forgive_missing(module, incompatible):
-            incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.startswith(marker)]
-
-        self.register_state_dict_post_hook(drop_from_state_dict)
-        self.register_load_state_dict_post_hook(forgive_missing)
+            self.teacher.shard(self.sharding, mesh)
+        exclude_reloadable_teacher(self, "teacher_model", self.teacher)
 
     def check_sampling(self, vocab: int | None) -> None:
         if vocab is None:
@@ -264,22 +237,6 @@ class DistillationModule(EvaluationMixin, LightningModule):
             if sampling is not None:
                 sampling.check_vocab(vocab)
         self.divergence.check_vocab(vocab)
-
-    def check_vocabularies(self, teacher: torch.nn.Module) -> None:
-        student_size, teacher_size = vocab_size(self.student), vocab_size(teacher)
-        if student_size != teacher_size:
-            raise ValueError(
-                f"student and teacher must share a vocabulary: the student's has {student_size} tokens and the "
-                f"teacher's {teacher_size}; pick a teacher from the student's model family"
-            )
-        spec = getattr(self.teacher, "model", None)
-        if spec is not None and (spec.tokenizer or spec.path):
-            try:
-                teacher_vocab = load_tokenizer(spec).get_vocab()
-            except (OSError, ValueError):
-                return  # the teacher ships no tokenizer of its own; the head sizes matched
-            if teacher_vocab != self.tokenizer.get_vocab():
-                raise ValueError("student and teacher tokenizers map tokens to different ids; they must share one vocabulary")
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
@@ -294,7 +251,7 @@ class DistillationModule(EvaluationMixin, LightningModule):
 
     def configure_callbacks(self):
         check_trainer(self.trainer)  # Lightning calls this before it checks the trainer itself, with a vaguer message
-        return [RolloutCallback(self.sync_every), self.nonfinite, GracefulInterrupt()]
+        return [RolloutCallback(self.sync_every), self.nonfinite, GracefulInterrupt(), SaveOnResumableError()]
 
     def configure_optimizers(self):
         params = [p for p in self.student.parameters() if p.requires_grad]
@@ -310,21 +267,7 @@ class DistillationModule(EvaluationMixin, LightningModule):
             self.teacher_model.eval()  # never dropout in the teacher, whatever Lightning toggles
         return self
 
-    # -- the teacher ---------------------------------------------------------------------------------
-    @contextmanager
-    def teacher_scope(self):
-        with self.teacher.scope(self.student, self.teacher_model) as model:
-            yield model
-
-    def teacher_generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> Rollouts:
-        """The teacher's completions (y_r). A live self-teacher is the student, so the student's engine serves it;
-        an engine with its own weights loads a fixed teacher (separate, or frozen at step 0) once."""
-        role = STUDENT if self.teacher.is_live else TEACHER
-        with self.teacher_scope() as teacher:
-            if not self.engine.has_weights(role):
-                self.engine.sync_weights(role, teacher)
-            return self.engine.generate(role, teacher, prompts, sampling)
-
+    # -- the student's own log-probabilities -----------------------------------------------------------
     def rollout_logprobs(self, batch: PromptBatch, rollouts: Rollouts) -> torch.Tensor:
         """The student's log-probabilities (temperature 1) of each sampled token, concatenated in rollout order."""
         contexts = [batch.prompt_ids[i] for i in rollouts.prompt_index]
@@ -341,7 +284,7 @@ class DistillationModule(EvaluationMixin, LightningModule):
 
     @property
     def teacher_access(self) -> TeacherAccess:
-        return TeacherAccess(self.prompts, self.max_context_tokens, self.verifier, self.stop_ids, self.teacher_generate)
+        return TeacherAccess(self.prompts, self.max_context_tokens, self.verifier, self.stop_ids, self.teacher.generate)
 
     # -- micro-batches ------------------------------------------------------------------------------
     def agree_max(self, value: int) -> int:
@@ -360,23 +303,11 @@ class DistillationModule(EvaluationMixin, LightningModule):
         return tensor.tolist()
 
     def packs(self, role: str) -> bool:
-        """Whether ``role``'s micro-batches go into one row without padding. ``packing: auto`` packs where the
-        attention has varlen kernels (flash-attention), which cost each sequence what it costs alone; sdpa and
-        eager attention would compute the whole packed row as one masked square, so there the micro-batches are
-        right-padded, sorted by length. Packing is used only once the model is seen to keep packed sequences
-        apart (checked on first use)."""
+        """Whether ``role``'s micro-batches go into one row without padding (``models.packs_sequences``; the teacher
+        says for itself), decided on first use."""
         if role not in self.packing_checked:
-            with self.teacher_scope() if role == TEACHER else evaluating(self.student) as model:
-                attention = str(base_model(model).config._attn_implementation)
-                wanted = self.packing == "always" or (self.packing == "auto" and any(a in attention for a in VARLEN_ATTENTION))
-                works = wanted and packs_correctly(model, self.device, vocab_size(model))
-            if wanted and not works:
-                rank_zero_warn(f"the {role} model lets packed sequences attend to each other (attention {attention!r}); "
-                               "its micro-batches are right-padded instead")
-            elif not wanted and self.packing == "auto":
-                rank_zero_info(f"the {role} model's attention ({attention!r}) has no varlen kernel: its micro-batches are right-padded, "
-                               "sorted by length (attn_implementation: flash_attention_2 packs them without padding)")
-            self.packing_checked[role] = works
+            self.packing_checked[role] = (self.teacher.packs(self.packing, self.device) if role == TEACHER
+                                          else packs_sequences(self.student, self.packing, self.device, role))
         return self.packing_checked[role]
 
     def plan(self, costs: Sequence[int], packed: bool) -> Iterator[tuple[list[int], list[int]]]:
@@ -398,32 +329,18 @@ class DistillationModule(EvaluationMixin, LightningModule):
         return build_views([batch.prompt_ids[rollouts.prompt_index[r]] for r in rows], [targets.teacher_contexts[r] for r in rows],
                            [targets.token_ids[r] for r in rows], self.tokenizer.pad_token_id, (self.packs(STUDENT), self.packs(TEACHER)))
 
-    def teacher_forward(self, inputs: ModelInputs) -> TeacherPass:
-        """The teacher's last hidden states at the target positions, without autograd."""
-        inputs = inputs.to(self.device)
-        # inference_mode where it is safe; FSDP2 reuses its gathered buffers across modes, so no_grad there.
-        no_autograd = torch.no_grad() if is_sharded(self.student) else torch.inference_mode()
-        with no_autograd, self.teacher_scope() as teacher:
-            hidden = last_hidden_at(teacher, inputs)
-            weight, bias = output_head(teacher)
-        # Inference tensors cannot be saved for backward: clone into a normal tensor before it meets the graph.
-        return TeacherPass(hidden.clone(), weight, bias)
-
-    def distill(self, views: Views, weights: torch.Tensor | None = None) -> tuple[DivergenceOutput, TeacherPass]:
-        """Teacher forward without autograd, student forward with it, and the fused divergence (``weights``: each
-        target token's weight in the loss; by default this batch's own token mean)."""
+    def distill(self, views: Views, weights: torch.Tensor | None = None) -> tuple[DivergenceOutput, TeacherScores]:
+        """The teacher's scores (no autograd), the student's forward with autograd, and the fused divergence
+        (``weights``: each target token's weight in the loss; by default this batch's own token mean)."""
         start = time.perf_counter()
-        teacher = self.teacher_forward(views.teacher)
+        teacher = self.teacher.score(views.teacher)
         self.timings["teacher"] = self.timings.get("teacher", 0.0) + time.perf_counter() - start
         start = time.perf_counter()
         student_hidden = last_hidden_at(self.student, views.student.to(self.device))
         student_weight, student_bias = output_head(self.student)
-        out = self.divergence(
-            student_hidden, student_weight, teacher.hidden, teacher.weight,
-            views.target_ids.to(self.device), views.target_lengths, student_bias, teacher.bias, weights,
-        )
-        if self.teacher_model is not None and is_sharded(self.teacher_model):
-            self.teacher_model.reshard()  # its gathered head is no longer needed: free it until the next forward
+        out = self.divergence.against(teacher, student_hidden, student_weight, views.target_ids.to(self.device),
+                                      views.target_lengths, student_bias, weights)
+        self.teacher.release()
         self.timings["student_forward"] = self.timings.get("student_forward", 0.0) + time.perf_counter() - start
         return out, teacher
 
@@ -485,7 +402,7 @@ class DistillationModule(EvaluationMixin, LightningModule):
                 record.rows["micro_batch_target_length"].extend(views.target_lengths.tolist())
                 record.add_tokens(divergence=out.per_token, clipped=out.clipped, teacher_logprob=out.teacher_logprobs,
                                   student_logprob=out.student_logprobs,
-                                  pivot_mass=pivot_mass(teacher.hidden, teacher.weight, teacher.bias, out.teacher_lse, self.pivot_ids))
+                                  pivot_mass=teacher.pivot_mass(self.pivot_ids, out.teacher_lse))
         record.seconds["backward"] = backward_seconds
         (global_loss,) = self.sum_over_ranks(loss)
         record.totals.update({"loss": loss, "target_tokens": sum(lengths), "micro_batches": len(groups), "ranks": 1})
@@ -543,10 +460,10 @@ class DistillationModule(EvaluationMixin, LightningModule):
             return {}
         start = time.perf_counter()
         contexts = self.refiner.scoring_contexts(batch, rollouts.prompt_index, self.teacher_access)
-        for rows, logprobs, raw, lse in self.teacher_scores(contexts, rollouts.token_ids):
+        for rows, logprobs, scores, lse in self.teacher_scores(contexts, rollouts.token_ids):
             if rows:
                 record.rows["diag_y_o_length"].extend(len(rollouts.token_ids[r]) for r in rows)
-                record.add_tokens(diag_y_o_teacher_logprob=logprobs, diag_y_o_pivot_mass=pivot_mass(raw.hidden, raw.weight, raw.bias, lse, self.pivot_ids))
+                record.add_tokens(diag_y_o_teacher_logprob=logprobs, diag_y_o_pivot_mass=scores.pivot_mass(self.pivot_ids, lse))
         coherence = self.coherence(batch, rollouts, targets, record)
         record.seconds["diagnostics"] = time.perf_counter() - start
         return coherence
@@ -577,12 +494,13 @@ class DistillationModule(EvaluationMixin, LightningModule):
 
     def teacher_scores(self, contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]):
         """The teacher's log-probability of each target token in its context, a micro-batch at a time:
-        (rows, log-probabilities in row order, the teacher pass, log-normalisers); ``rows`` empty for a filler."""
+        (rows, log-probabilities in row order, the teacher's scores, log-normalisers or None); ``rows`` empty for a
+        filler. What the teacher keeps gathered for a micro-batch is released before the next."""
         for rows, inputs in self.micro_batches(contexts, targets, self.packs(TEACHER)):
-            raw = self.teacher_forward(inputs)
-            ids = inputs.input_ids[inputs.target_mask].to(self.device)
-            logprobs, lse = token_stats(raw.hidden, raw.weight, raw.bias, ids, self.divergence.chunk_size)
-            yield rows, logprobs, raw, lse
+            scores = self.teacher.score(inputs)
+            logprobs, lse = scores.target_logprobs(inputs.input_ids[inputs.target_mask].to(self.device), self.divergence.chunk_size)
+            yield rows, logprobs, scores, lse
+            self.teacher.release()
 
     # -- step metrics --------------------------------------------------------------------------------
     def record_targets(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets, record: StepRecord) -> None:

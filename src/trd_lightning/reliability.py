@@ -3,6 +3,8 @@
 - ``rng_state`` / ``set_rng_state``: every RNG rollout sampling draws from, as checkpointable tensors;
 - ``NonFiniteGuard``: a step whose loss or gradient is NaN/inf changes no weight; N in a row stop the run;
 - ``GracefulInterrupt``: SIGTERM or SIGINT lets the current step finish, then writes ``last.ckpt`` (under DDP too);
+- ``ResumableError`` / ``SaveOnResumableError``: a service outside the trainer (a teacher server) stayed down, so the
+  run writes ``last.ckpt`` (the weights of the last finished step) and stops; ``--ckpt_path last`` goes on;
 - ``SafeCheckpointIO``: loads weights-only and names the file when it is truncated or corrupt;
 - ``find_last_checkpoint``: what ``--ckpt_path last`` means, across the logger's version folders.
 """
@@ -132,15 +134,55 @@ class GracefulInterrupt(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
-        path = checkpoint_dir(trainer) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
-        for callback in trainer.checkpoint_callbacks:
-            if isinstance(callback, ModelCheckpoint):
-                callback.last_model_path = str(path)  # so it, and its restored self, overwrite this file, not version it
-        trainer.save_checkpoint(path)
-        for logger in trainer.loggers:
-            logger.save()
+        path = save_last(trainer)
         rank_zero_info(f"interrupted after step {trainer.global_step}: saved {path}; resume with --ckpt_path last")
         raise SIGTERMException  # every process at once: they agreed above
+
+
+class ResumableError(RuntimeError):
+    """Something outside the trainer failed for longer than its retries (a teacher server went down). Nothing of
+    the run is wrong: ``SaveOnResumableError`` writes ``last.ckpt`` (then in ``checkpoint``) and the run stops;
+    resuming goes on from there."""
+
+    checkpoint: Path | None = None
+
+
+class SaveOnResumableError(Callback):
+    """On a ``ResumableError`` during training, write ``last.ckpt``, so ``--ckpt_path last`` resumes.
+
+    The error comes in the middle of a step, before its optimizer step (every teacher call of a step comes before
+    it), so the weights, the optimizer and ``global_step`` are those of the last finished step. The step that
+    failed is not counted; the resumed run trains ``max_steps`` in all. A failure before training started (a
+    server down at start-up) writes nothing: there is nothing to keep. Under DDP every process must meet the
+    failure for the checkpoint's collectives to complete; a server down for one is down for all.
+    """
+
+    def __init__(self):
+        self.training = False
+        self.saved: Path | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.training = True
+
+    def on_train_end(self, trainer, pl_module):
+        self.training = False
+
+    def on_exception(self, trainer, pl_module, exception):
+        if self.training and isinstance(exception, ResumableError):
+            self.saved = exception.checkpoint = save_last(trainer)
+            rank_zero_info(f"{exception}\nsaved {self.saved} at step {trainer.global_step}; resume with --ckpt_path last")
+
+
+def save_last(trainer) -> Path:
+    """Write ``last.ckpt`` in the run's checkpoint folder, where ``--ckpt_path last`` finds it."""
+    path = checkpoint_dir(trainer) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            callback.last_model_path = str(path)  # so it, and its restored self, overwrite this file, not version it
+    trainer.save_checkpoint(path)
+    for logger in trainer.loggers:
+        logger.save()
+    return path
 
 
 def _main_thread() -> bool:

@@ -120,6 +120,15 @@ class ModelInputs:
         rows, cols = self.target_mask.nonzero(as_tuple=True)
         return rows, cols - 1
 
+    def sequences(self) -> list[tuple[list[int], list[int]]]:
+        """Each sequence's (context, target) token ids, as ``pack`` was given them (for a teacher scored elsewhere)."""
+        if self.position_ids is None:
+            rows = [(ids[keep.bool()], target[keep.bool()]) for ids, keep, target in zip(self.input_ids, self.attention_mask, self.target_mask)]
+        else:
+            starts = [*(self.position_ids[0] == 0).nonzero().flatten().tolist(), self.input_ids.shape[1]]
+            rows = [(self.input_ids[0, a:b], self.target_mask[0, a:b]) for a, b in zip(starts, starts[1:])]
+        return [(ids[~target].tolist(), ids[target].tolist()) for ids, target in rows]
+
     @property
     def processed_tokens(self) -> int:
         """Token positions a forward pass computes, padding included."""

@@ -1,0 +1,87 @@
+"""What a teacher's scoring pass gives the loss, at each of a micro-batch's N target positions.
+
+- ``DenseScores``: the teacher's last hidden states and its LM head (a teacher in the trainer's process). The
+  divergence computes its logits chunk by chunk, so every divergence over the full vocabulary applies.
+- ``SparseScores``: the teacher's top-k token ids and log-probabilities, and the log-probability of the target
+  token itself (a teacher served by an inference engine, which sends no more). Top-k divergences and the
+  sampled-token estimators apply; the full vocabulary does not.
+
+Both give the target token's log-probability and the teacher's probability mass on a set of tokens (the
+diagnostics' pivot tokens) in the same shape, so nothing downstream asks which kind it holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from trd_lightning.diagnostics import pivot_mass, token_stats
+
+
+@dataclass
+class DenseScores:
+    """The teacher's whole distribution at each target position, as hidden states and the head that makes logits."""
+
+    hidden: Tensor  # [N, H_t]: last hidden states at the positions that predict each target token
+    weight: Tensor  # [V, H_t]: the LM head
+    bias: Tensor | None = None  # [V]: the head's bias, if it has one
+    kind: ClassVar[str] = "dense"
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def target_logprobs(self, targets: Tensor, chunk_size: int = 256) -> tuple[Tensor, Tensor | None]:
+        """log q(target) at temperature 1, and the log-normaliser at each position (for ``pivot_mass``)."""
+        return token_stats(self.hidden, self.weight, self.bias, targets, chunk_size)
+
+    def pivot_mass(self, token_ids: Sequence[int], lse: Tensor | None) -> Tensor:
+        """The teacher's total probability on ``token_ids`` at each position: [N]."""
+        return pivot_mass(self.hidden, self.weight, self.bias, lse, token_ids)
+
+
+@dataclass
+class SparseScores:
+    """The teacher's top-k at each target position, by descending log-probability, and the target's own."""
+
+    ids: Tensor  # [N, k] long: the teacher's k most likely tokens
+    logprobs: Tensor  # [N, k] float32: their log-probabilities at temperature 1 (normalised over the whole vocabulary)
+    target_logprob: Tensor  # [N] float32: log q(target token), whether or not it is in the top-k
+    kind: ClassVar[str] = "sparse"
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.ids.shape[1]
+
+    def select(self, rows) -> SparseScores:
+        return SparseScores(self.ids[rows], self.logprobs[rows], self.target_logprob[rows])
+
+    def to(self, device) -> SparseScores:
+        return SparseScores(self.ids.to(device), self.logprobs.to(device), self.target_logprob.to(device))
+
+    def target_logprobs(self, targets: Tensor, chunk_size: int = 256) -> tuple[Tensor, Tensor | None]:
+        return self.target_logprob, None
+
+    def pivot_mass(self, token_ids: Sequence[int], lse: Tensor | None = None) -> Tensor:
+        """The mass on ``token_ids`` among the top-k: a lower bound (what lies outside the top-k is not sent)."""
+        if not token_ids:
+            return torch.zeros(len(self), device=self.ids.device)
+        wanted = torch.isin(self.ids, torch.as_tensor(list(token_ids), device=self.ids.device))
+        return (self.logprobs.exp() * wanted).sum(-1)
+
+    @classmethod
+    @torch.no_grad()
+    def from_logits(cls, logits: Tensor, targets: Tensor, top_k: int) -> SparseScores:
+        """What a server sends for a teacher with these [N, V] logits: its top-k and the targets' log-probabilities."""
+        logprobs = logits.float().log_softmax(-1)
+        top, ids = logprobs.topk(top_k, dim=-1)
+        return cls(ids, top, logprobs.gather(-1, targets[:, None]).squeeze(-1))
+
+
+TeacherScores = DenseScores | SparseScores

