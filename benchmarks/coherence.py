@@ -11,7 +11,8 @@ models. On the demo the chain verifier says what each rewrite really is, so the 
 Answer-patched rewrites (right answer, a wrong step) need a self-teacher that writes them. The demo student as built
 before issue #17 did: its refine-with-reference skill had seen value slips only, with the reference before the
 attempt in its prompt. This script rebuilds that student (``configs/demo/sft_student.yaml`` with the old settings,
-``SLIPS_ONLY``; about 5 minutes, kept in ``--out`` for later runs) unless ``--slips-only-student`` names one, and runs TRD on OPSD with each self-teacher for ``--steps`` steps, every step
+``SLIPS_ONLY``; about 5 minutes, kept in ``--out`` for later runs) unless ``--slips-only-student`` names one,
+and runs TRD on OPSD with each self-teacher for ``--steps`` steps, every step
 diagnosed and sampled (``diagnostics_every: 1``, ``log_samples_every: 1``). It prints, per self-teacher and per
 kind of rewrite with a right answer (step-valid, answer-patched): the count, the quantiles of the gap and of the two
 log-probabilities, and the AUROC of the negated gap as a detector of answer-patched rewrites.

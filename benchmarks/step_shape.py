@@ -97,7 +97,8 @@ def rollouts(engine_name: str) -> None:
     tokens = {"rollouts": 16 * step["rollout/length"], "rewrites": 16 * step.get("refine/length_y_r", 0.0)}
     for phase, key in (("rollouts", "time/rollout"), ("rewrites", "time/refine")):
         print(f"{engine_name} {phase} inside one trainer step (the same model, no LoRA): {step[key]:.1f} s ({tokens[phase]:.0f} tokens) = "
-              f"{step[key] / results[phase][1]:.2f}x the single call (target <= 1.1x), {results[phase][0] / step[key]:.2f}x faster than the old shape",
+              f"{step[key] / results[phase][1]:.2f}x the single call (target <= 1.1x), "
+              f"{results[phase][0] / step[key]:.2f}x faster than the old shape",
               flush=True)
 
 
@@ -109,7 +110,8 @@ def trainer_phases(engine_name: str) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as directory:
         data = Path(directory, "train.jsonl")
         data.write_text("".join(json.dumps({"problem": p, "answer": "0", "solution": "(none)"}) + "\n" for p in PROBLEMS))
-        engine = ["--model.init_args.engine=trd_lightning.rollout.VLLMEngine", "--model.init_args.engine.cpu_kvcache_gb=2"] if engine_name == "vllm" else []
+        vllm = ["--model.init_args.engine=trd_lightning.rollout.VLLMEngine", "--model.init_args.engine.cpu_kvcache_gb=2"]
+        engine = vllm if engine_name == "vllm" else []
         args = ["fit", "--config", str(ROOT / "configs/trd_opsd.yaml"), "--trainer.accelerator=cpu", "--trainer.devices=1",
                 "--trainer.strategy=auto", "--trainer.precision=32", "--trainer.max_steps=2", "--validate_before_fit=false",
                 "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--trainer.callbacks=[]",
@@ -173,7 +175,8 @@ def padding() -> None:
     prompt = 200
     y_o = paper_lengths(128, 5800, 16384, 0.15, seed=0)
     y_r = paper_lengths(128, 880, 16384, 0.0, seed=1)
-    print(f"lengths: y_o median {statistics.median(y_o):.0f} ({sum(n == 16384 for n in y_o)} of 128 at 16,384), y_r median {statistics.median(y_r):.0f}")
+    print(f"lengths: y_o median {statistics.median(y_o):.0f} ({sum(n == 16384 for n in y_o)} of 128 at 16,384), "
+          f"y_r median {statistics.median(y_r):.0f}")
     runs = {  # (student sequence, teacher sequence) lengths, budget
         "OPD on y_o (budget 24,576)": ([prompt + n for n in y_o], [prompt + n for n in y_o], 24576),
         "TRD on y_r (budget 34,816)": ([prompt + n for n in y_r], [prompt + 150 + o + r for o, r in zip(y_o, y_r)], 34816),

@@ -86,7 +86,8 @@ def main():
         verifier.sandbox.close()
         plain = bare(python, answer, responses, args.workers)
         for label, took in ((isolation, seconds), ("bare", plain)):
-            print(f"  {label:8s} {took:7.2f} s  {len(responses) / took:6.2f} responses/s  {1000 * took / runs * args.workers:6.1f} ms per run per worker")
+            print(f"  {label:8s} {took:7.2f} s  {len(responses) / took:6.2f} responses/s  "
+                  f"{1000 * took / runs * args.workers:6.1f} ms per run per worker")
         print(f"{isolation} ({python}): the sandbox takes {seconds / plain:.2f}x the time of a bare subprocess, "
               f"+{1000 * (seconds - plain) / runs * args.workers:.1f} ms per run")
 

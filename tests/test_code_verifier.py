@@ -82,7 +82,8 @@ LCB_ROWS = [
         "public_test_cases": json.dumps([{"input": "[1, 5, 3]", "output": "8", "testtype": "functional"}]),
         "private_test_cases": json.dumps([{"input": "[2, 2]", "output": "4", "testtype": "functional"}]),
         "metadata": json.dumps({"func_name": "maxPair"}),
-        "correct": fenced("from typing import List\nclass Solution:\n    def maxPair(self, nums: List[int]) -> int:\n        a, b = sorted(nums)[-2:]\n        return a + b"),
+        "correct": fenced("from typing import List\nclass Solution:\n    def maxPair(self, nums: List[int]) -> int:\n"
+                          "        a, b = sorted(nums)[-2:]\n        return a + b"),
         "wrong": {
             "wrong output": fenced("class Solution:\n    def maxPair(self, nums):\n        return max(nums)"),
             "exception": fenced("class Solution:\n    def maxPair(self, nums):\n        return nums[10]"),
@@ -93,7 +94,8 @@ LCB_ROWS = [
     },
 ]
 
-HUMANEVAL_TEST = "def check(candidate):\n    assert candidate([1, 2, 3]) == 6\n    assert candidate([]) == 0\n    assert abs(candidate([0.5]) - 0.5) < 1e-9\n"
+HUMANEVAL_TEST = ("def check(candidate):\n    assert candidate([1, 2, 3]) == 6\n    assert candidate([]) == 0\n"
+                  "    assert abs(candidate([0.5]) - 0.5) < 1e-9\n")
 MBPP_TEST = "inputs = [['abc'], ['']]\nresults = ['cba', '']\nfor inp, exp in zip(inputs, results):\n    assert reverse_string(*inp) == exp\n"
 EVALPLUS_ROWS = [
     {
@@ -239,7 +241,8 @@ def test_each_named_dataset_reads_its_own_schema(tmp_path, tokenizer):
     paths = {}
     for schema, (rows, fields) in SCHEMAS.items():
         paths[schema] = {"path": str(tmp_path / f"{schema}.jsonl"), **{k: v for k, v in fields.items()}}
-        (tmp_path / f"{schema}.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k not in ("correct", "wrong")}) + "\n" for r in rows))
+        stored = [{k: v for k, v in r.items() if k not in ("correct", "wrong")} for r in rows]
+        (tmp_path / f"{schema}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stored))
     data = PromptDataModule(test_path=paths, tokenizer=tokenizer, problem_field="nope", answer_field="nope")
     verifier = CodeVerifier(limits=Limits(cpu_seconds=2, wall_seconds=2.0), workers=2)
     for schema, (rows, _) in SCHEMAS.items():
@@ -295,11 +298,10 @@ def test_the_code_config_trains_and_tests_through_trd(tmp_path, monkeypatch):
     here; tests/test_code_real_model.py has SmolLM2 write real code."""
     from pathlib import Path
 
-    from trd_lightning.cli import main
-
     import yaml
 
     from tests.conftest import save_tiny_model
+    from trd_lightning.cli import main
 
     # Byte-level tiny models: code prompts take many tokens, so a longer context than the shared fixtures'.
     student_dir = save_tiny_model(tmp_path / "student", seed=1, max_position_embeddings=2048)
@@ -317,7 +319,8 @@ def test_the_code_config_trains_and_tests_through_trd(tmp_path, monkeypatch):
     main(["fit", *common, "--trainer.max_steps=1"])
     main(["test", *common])
     results = json.loads((tmp_path / "code_smollm2_trd" / "version_1" / "results.json").read_text())["results"]
-    assert {(r["dataset"], r["who"]) for r in results} == {(d, w) for d in ("humaneval_plus", "mbpp_plus", "livecodebench") for w in ("student", "teacher")}
+    datasets = ("humaneval_plus", "mbpp_plus", "livecodebench")
+    assert {(r["dataset"], r["who"]) for r in results} == {(d, w) for d in datasets for w in ("student", "teacher")}
     assert all("tests_passed" in r and r["avg@2"] == 0.0 for r in results)  # random tiny models write no program
 
 

@@ -77,7 +77,8 @@ def test_invalid_json_names_the_line(tmp_path, tokenizer):
 
 
 def test_prompt_over_the_limit_names_the_row_and_the_setting(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"problem": "1+1", "answer": "2", "solution": "s"}, {"problem": "1+" * 40 + "1", "answer": "2", "solution": "s"}])
+    path = write_jsonl(tmp_path / "d.jsonl", [{"problem": "1+1", "answer": "2", "solution": "s"},
+                                              {"problem": "1+" * 40 + "1", "answer": "2", "solution": "s"}])
     dm = PromptDataModule(train_path=path, prompt_template="demo_student", max_prompt_tokens=30, tokenizer=tokenizer)
     with pytest.raises(DataError, match=r"d.jsonl:2: .*over the limit of 30.*max_prompt_tokens"):
         dm.setup("fit")

@@ -74,8 +74,8 @@ def test_a_frozen_lora_self_teacher_syncs_the_base_weights(student_dir, tokenize
 
 
 def test_a_synced_engine_agrees_with_the_trainer_to_numerics(tmp_path, student_dir, teacher_dir, chain_data):
-    main(["fit", "--config", str(ROOT / "configs" / "demo" / "opd.yaml"), *tiny_overrides(student_dir, teacher_dir, chain_data, tmp_path), "--trainer.max_steps=2",
-          "--model.init_args.engine=trd_lightning.rollout.HFEngine", "--model.init_args.engine.return_logprobs=true",
+    main(["fit", "--config", str(ROOT / "configs" / "demo" / "opd.yaml"), *tiny_overrides(student_dir, teacher_dir, chain_data, tmp_path),
+          "--trainer.max_steps=2", "--model.init_args.engine=trd_lightning.rollout.HFEngine", "--model.init_args.engine.return_logprobs=true",
           "--model.init_args.logprob_guard=trd_lightning.rollout.LogprobGuard", "--model.init_args.logprob_guard.stop=true"])
     logged = scalars(next(tmp_path.glob("*/version_0")))
     assert [s for s, _ in logged["rollout/logprob_gap_max"]] == [0, 1]

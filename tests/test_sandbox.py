@@ -93,7 +93,8 @@ def test_the_memory_limit_bites(sandbox):
 
 def test_the_file_size_limit_bites(sandbox):
     strict = make_sandbox(sandbox.requested, Limits(file_size_mb=1))
-    code = "import os\nwith open('f', 'wb') as f:\n    f.write(b'x' * 2**20)\nprint(os.path.getsize('f'))\nwith open('f', 'ab') as f:\n    f.write(b'x')\nprint('over')"
+    code = ("import os\nwith open('f', 'wb') as f:\n    f.write(b'x' * 2**20)\nprint(os.path.getsize('f'))\n"
+            "with open('f', 'ab') as f:\n    f.write(b'x')\nprint('over')")
     result = strict.run(Job({"main.py": code}, ["{python}", "-I", "main.py"]))
     assert result.returncode != 0 and result.stdout.split() == [str(2**20)]  # 1 MB fits, one byte more does not
 

@@ -30,7 +30,8 @@ def fit_args(config: str, save_dir, url: str | None = None, *extra: str) -> list
 
 def test_full_vocabulary_divergence_with_a_server_teacher_is_refused_before_anything_starts(tmp_path):
     with pytest.raises(SystemExit, match="support: full needs the teacher's whole distribution"):
-        main(fit_args("demo/trd_server.yaml", tmp_path, "http://127.0.0.1:9", "--model.init_args.divergence.support=full", "--model.init_args.divergence.tail=false"))
+        main(fit_args("demo/trd_server.yaml", tmp_path, "http://127.0.0.1:9", "--model.init_args.divergence.support=full",
+                      "--model.init_args.divergence.tail=false"))
 
 
 def test_a_server_down_at_start_up_stops_before_any_compute(tmp_path):

@@ -102,7 +102,8 @@ def test_trd_and_opd_k3_train_two_steps_with_the_server_teacher(server, tmp_path
     overlay = tmp_path / "server_teacher.yaml"  # OPD's config, its teacher served, k3 (the target's log-probability only)
     overlay.write_text(json.dumps({"model": {"init_args": {
         "teacher": {"class_path": "trd_lightning.teachers.VLLMServerTeacher", "init_args": {"urls": [server.url], "model": NAME, "top_k": 0}},
-        "divergence": {"class_path": "trd_lightning.losses.Divergence", "init_args": {"direction": "reverse", "support": "sampled", "estimator": "k3"}},
+        "divergence": {"class_path": "trd_lightning.losses.Divergence",
+                       "init_args": {"direction": "reverse", "support": "sampled", "estimator": "k3"}},
     }}}))
     main([*fit_args("demo/opd.yaml", tmp_path), "--config", str(overlay)])
     opd = scalars(tmp_path / "demo_opd" / "version_0")

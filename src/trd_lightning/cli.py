@@ -69,7 +69,10 @@ class TRDCLI(LightningCLI):
         if path == "last":
             logger = config.trainer.get("logger")
             init = getattr(logger, "init_args", None) if logger not in (None, True, False) else None
-            save_dir, name = (init.save_dir, init.get("name") or "lightning_logs") if init else (config.trainer.default_root_dir or ".", "lightning_logs")
+            if init:
+                save_dir, name = init.save_dir, init.get("name") or "lightning_logs"
+            else:
+                save_dir, name = config.trainer.default_root_dir or ".", "lightning_logs"
             found = find_last_checkpoint(save_dir, name)
             if found is None:
                 fail(f"--ckpt_path last: no {Path(save_dir, name, 'version_*', 'checkpoints', 'last.ckpt')} to resume from")

@@ -25,10 +25,9 @@ vocabulary; re-tempering a distribution that was sent at temperature 1).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
-
-import math
 
 import torch
 from torch import Tensor

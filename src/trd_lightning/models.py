@@ -170,7 +170,8 @@ def resolve_path(path: str, what: str = "model") -> Path:
     else:
         resolved = Path(path).expanduser()
     if not resolved.exists():
-        hint = " (the demo assets ship with the package; rebuild them with `python -m trd_lightning.demo.build`)" if path.startswith(DEMO_PREFIX) else ""
+        rebuild = " (the demo assets ship with the package; rebuild them with `python -m trd_lightning.demo.build`)"
+        hint = rebuild if path.startswith(DEMO_PREFIX) else ""
         raise FileNotFoundError(f"{what} path {path!r} does not exist{hint}; nothing is downloaded at run time, so point it at a local copy")
     return resolved
 

@@ -29,6 +29,8 @@ from trd_lightning.data.prompts import PromptBatch
 from trd_lightning.diagnostics import DEFAULT_PIVOTS, PositionProfile, pivot_token_ids, token_stats
 from trd_lightning.evaluation import EvaluationMixin, check_answers, plot_position_profiles
 from trd_lightning.losses import Divergence, DivergenceOutput
+from trd_lightning.metrics import SampledAccuracy
+from trd_lightning.micro_batches import plan_micro_batches
 from trd_lightning.models import (
     ModelSpec,
     Sharding,
@@ -43,19 +45,17 @@ from trd_lightning.models import (
     stop_token_ids,
     vocab_size,
 )
-from trd_lightning.micro_batches import plan_micro_batches
 from trd_lightning.optim import WarmupCosine
+from trd_lightning.refiners import Identity, Refiner, Targets, TeacherAccess
 from trd_lightning.reliability import GracefulInterrupt, NonFiniteGuard, SaveOnResumableError
-from trd_lightning.refiners import Identity, Refiner, TeacherAccess, Targets
 from trd_lightning.rollout import HFEngine, RolloutCallback, RolloutEngine, Rollouts, Sampling
 from trd_lightning.rollout.callback import STUDENT
 from trd_lightning.rollout.guard import LogprobGuard
-from trd_lightning.step_metrics import StepRecord, gather, step_metrics
 from trd_lightning.scores import TeacherScores
+from trd_lightning.step_metrics import StepRecord, gather, step_metrics
 from trd_lightning.teachers import Teacher, evaluating
 from trd_lightning.teachers.local import TEACHER, exclude_reloadable_teacher
 from trd_lightning.verifiers import ExactMatch, Verifier
-from trd_lightning.metrics import SampledAccuracy
 from trd_lightning.views import ChatPrompts, Views, build_views, pack
 
 # What a sample line carries of the step's per-row measurements.

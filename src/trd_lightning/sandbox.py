@@ -451,5 +451,6 @@ def reap_uid(uid: int, patience: float = 5.0) -> None:
 
 def kill_uid(uid: int) -> None:
     """Kill every process of ``uid`` (kill(-1) as that uid reaches exactly its own processes)."""
-    subprocess.run(["/bin/sh", "-c", "kill -STOP -1 2>/dev/null; kill -KILL -1 2>/dev/null; true"], user=uid, group=uid, extra_groups=[], env={"PATH": "/usr/bin:/bin"},
+    subprocess.run(["/bin/sh", "-c", "kill -STOP -1 2>/dev/null; kill -KILL -1 2>/dev/null; true"],
+                   user=uid, group=uid, extra_groups=[], env={"PATH": "/usr/bin:/bin"},
                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, process_group=0, timeout=10)

@@ -204,7 +204,9 @@ class PromptDataModule(LightningDataModule):
         if (split, name) in self.datasets:
             return self.datasets[(split, name)]
         if name not in self.paths[split]:
-            raise DataError(f"no {split}_path is set on the data module" if not self.paths[split] else f"no {split} dataset named {name!r}; there are {list(self.paths[split])}")
+            if not self.paths[split]:
+                raise DataError(f"no {split}_path is set on the data module")
+            raise DataError(f"no {split} dataset named {name!r}; there are {list(self.paths[split])}")
         path = self.paths[split][name]
         if self.tokenizer is None:
             raise DataError("the data module needs the student's tokenizer (the CLI links it; pass `tokenizer=` in code)")
@@ -212,7 +214,9 @@ class PromptDataModule(LightningDataModule):
         overrides = self.overrides.get((split, name), {})
         fields = self.dataset_fields(split, name)
         starter_field = overrides.get("starter_field", self.starter_field)
-        template = Template(overrides["prompt_template"], f"{split}_path {name!r} prompt_template").require(PROBLEM) if "prompt_template" in overrides else self.template
+        template = self.template
+        if "prompt_template" in overrides:
+            template = Template(overrides["prompt_template"], f"{split}_path {name!r} prompt_template").require(PROBLEM)
         records = read_records(path)
         if not records:
             raise DataError(f"{split} data {path!r} is empty: it needs at least one problem")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from trd_lightning.data.prompts import PromptBatch
-from trd_lightning.refiners.base import Refiner, TeacherAccess, Targets
+from trd_lightning.refiners.base import Refiner, Targets, TeacherAccess
 from trd_lightning.rollout.base import Rollouts, Sampling
 from trd_lightning.templates import PROBLEM, Template
 

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from trd_lightning.data.prompts import PromptBatch
 from trd_lightning.losses import Divergence
-from trd_lightning.refiners.base import Refiner, TeacherAccess, Targets
+from trd_lightning.refiners.base import Refiner, Targets, TeacherAccess
 from trd_lightning.rollout.base import Rollouts, Sampling
 from trd_lightning.templates import ATTEMPT, PROBLEM, Template
 
