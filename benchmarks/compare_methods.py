@@ -1,6 +1,6 @@
 """TRD against the token-level baselines on the embedded demo: same budget, seeds and data for every method.
 
-    python benchmarks/compare_methods.py                 # 7 methods x 3 seeds, 300 steps each, 2 runs at a time
+    python benchmarks/compare_methods.py                 # 8 methods x 3 seeds, 300 steps each, 2 runs at a time
     python benchmarks/compare_methods.py --quick         # 1 seed, 30 steps, 100 test problems: checks that all run
     python benchmarks/compare_methods.py --report        # the table again, from an earlier run's files in --out
 
@@ -36,6 +36,7 @@ METHODS = [
     ("OPD forward KL", ["configs/demo/opd.yaml", "configs/demo/baselines/fkl.yaml"]),
     ("OPD forward KL clip 0.1", ["configs/demo/opd.yaml", "configs/demo/baselines/fkl_clip.yaml"]),
     ("TRD", ["configs/demo/trd.yaml"]),
+    ("TRD best-of-4", ["configs/demo/trd.yaml", "configs/demo/refiners/best_of_n.yaml"]),
     ("OPSD", ["configs/demo/opsd.yaml"]),
     ("TRD on OPSD", ["configs/demo/trd_opsd.yaml"]),
 ]

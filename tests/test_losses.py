@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -163,23 +164,43 @@ def test_bf16_inputs_stay_within_1e2(direction):
         assert float((got.double() - ref).abs().max()) < 1e-2
 
 
-def test_positions_outside_the_mask_contribute_nothing():
-    """Hidden states at non-target positions (prompt, padding) change neither the loss nor get gradient."""
-    torch.manual_seed(0)
-    hidden = torch.randn(2, 7, H, requires_grad=True)
-    mask = torch.zeros(2, 7, dtype=torch.bool)
-    mask[0, 2:5] = True
-    mask[1, 3:6] = True
-    w = torch.randn(V, H)
-    h_t, w_t = torch.randn(6, HT), torch.randn(V, HT)
-    targets, lengths = torch.randint(0, V, (6,)), torch.tensor([3, 3])
-    divergence = Divergence(direction="reverse")
-    out = divergence(hidden[mask], w, h_t, w_t, targets, lengths)
-    (grad,) = torch.autograd.grad(out.loss, [hidden])
-    assert torch.all(grad[~mask] == 0) and torch.all(grad[mask].abs().sum(-1) > 0)
-    poked = hidden.detach().clone()
-    poked[~mask] = 1e6
-    assert torch.equal(divergence(poked[mask], w, h_t, w_t, targets, lengths).loss, out.loss.detach())
+def test_padding_and_context_tokens_reach_the_loss_only_through_attention(student_dir):
+    """Two right-padded rows through a real model: whatever ids the padding holds, the loss is the same, and the
+    gradient reaches every context and target position's input (through attention) but no padding position."""
+    from trd_lightning.models import ModelSpec, last_hidden_at, load_model, output_head
+    from trd_lightning.views import build_views
+
+    model = load_model(ModelSpec(path=str(student_dir)))
+    contexts, targets = [[5, 6, 7, 8, 9], [10, 11]], [[12, 13, 14], [15, 16, 17, 18]]
+    views = build_views(contexts, [[4, *c] for c in contexts], targets, 0)  # the teacher reads one more token: a nonzero loss
+    weight, _ = output_head(model)
+    divergence = Divergence(direction="forward")
+    seen = {}
+    def keep(module, args, out):  # the student pass's embedded inputs, to read their gradient
+        if out.requires_grad:
+            out.retain_grad()
+            seen["embedded"] = out
+
+    model.get_input_embeddings().register_forward_hook(keep)
+
+    def loss(student_ids):
+        with torch.no_grad():
+            teacher = last_hidden_at(model, views.teacher)
+        student = last_hidden_at(model, replace(views.student, input_ids=student_ids))
+        out = divergence(student, weight, teacher, weight.detach(), views.target_ids, views.target_lengths)
+        out.loss.backward()
+        return out.loss.detach(), seen["embedded"].grad.abs().sum(-1)
+
+    padding = views.student.attention_mask == 0
+    assert padding.any() and views.student.target_mask.sum() == 7
+    base, reached = loss(views.student.input_ids)
+    poked = views.student.input_ids.clone()
+    poked[padding] = 250
+    assert torch.equal(loss(poked)[0], base)
+    assert torch.all(reached[padding] == 0)
+    # every read position but the last target token (whose prediction is past the end) is reached
+    last = views.student.target_mask & ~torch.roll(views.student.target_mask, -1, dims=1)
+    assert torch.all(reached[~padding & ~last] > 0)
 
 
 def test_no_target_tokens_is_an_error_not_a_zero_loss():

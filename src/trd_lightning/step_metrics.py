@@ -15,6 +15,8 @@ from torch import Tensor
 
 from trd_lightning.diagnostics import trajectory_stats
 
+REFINER_METRIC = "refiner:"  # the prefix of a refiner's own per-row values in a record's rows
+
 
 @dataclass
 class StepRecord:
@@ -96,6 +98,9 @@ def step_metrics(record: StepRecord, threshold: float, target_name: str) -> dict
             valid = pick("y_r_steps_valid")
             out["refine/steps_valid_y_r"] = mean(valid)
             out["refine/answer_patched"] = mean([float(right and not ok) for right, ok in zip(y_r, valid)])
+    for name, values in rows.items():  # a refiner's own per-row values (BestOfNRewrite's choice, ...)
+        if name.startswith(REFINER_METRIC) and values:
+            out[f"refine/{name[len(REFINER_METRIC):]}"] = mean(values)
     if rows.get("coherence_refine"):  # the diagnostics pass: each rewrite without the privileged context, on its schedule
         refine, plain = rows["coherence_refine"], rows["coherence_plain"]
         gaps = [p - r for p, r in zip(plain, refine)]

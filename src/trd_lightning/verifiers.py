@@ -1,5 +1,6 @@
 """Verifiers: does a response state the reference answer (math), or does its program pass the tests (code)?
-Used for metrics and for accepting rewrites, never in the loss."""
+Used for metrics and by refiners choosing targets (``require_answer``, ``only_failed``, ``require_valid_steps``,
+BestOfNRewrite's ``prefer_correct``); never a term of the loss."""
 
 from __future__ import annotations
 

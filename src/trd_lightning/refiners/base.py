@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from trd_lightning.data.prompts import PromptBatch
 from trd_lightning.losses import Divergence
@@ -23,18 +23,23 @@ class Targets:
     teacher_contexts: list[list[int]]
     refined: list[bool]  # the target is a teacher rewrite y_r
     fallback: list[bool]  # a rewrite was rejected and y_o kept
-    rewrites: Rollouts | None = None  # every rewrite the teacher wrote, accepted or not (TRD)
+    rewrites: Rollouts | None = None  # the rewrite of each refined row, accepted or not (TRD)
+    metrics: dict[str, list[float]] = field(default_factory=dict)  # the refiner's own per-row values, logged as refine/<name>
 
 
 @dataclass
 class TeacherAccess:
-    """What a refiner may use of the teacher: its prompts, its context limit, generation, the verifier."""
+    """What a refiner may use of the teacher: its prompts, its context limit, generation, scoring, the verifier.
+
+    ``score(contexts, targets)``: the teacher's mean log-probability per token of each target after its context,
+    in the trainer's micro-batches (every rank must call it the same number of times, as with ``generate``)."""
 
     prompts: ChatPrompts
     max_context_tokens: int
     verifier: Verifier
     stop_ids: set[int]
     generate: Callable[[Sequence[Sequence[int]], Sampling], Rollouts]
+    score: Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], list[float]]
 
 
 class Refiner(ABC):

@@ -26,6 +26,10 @@ class TeacherRewrite(Refiner):
     refines every rollout). ``require_valid_steps`` (off by default: the paper keeps every rewrite) also
     rejects a rewrite whose derivation the verifier finds wrong at some step, on tasks whose steps it can
     check (an answer copied into a flawed derivation is then not trained on).
+
+    A rewrite is three steps a subclass can change one at a time: ``propose`` (the teacher's candidates),
+    ``accept`` (which may be trained on) and ``select`` (which one, with per-row metrics); ``BestOfNRewrite``
+    changes the first and the last.
     """
 
     rewrites = True
@@ -42,7 +46,8 @@ class TeacherRewrite(Refiner):
         self.template = Template(template, "refine template").require(PROBLEM, ATTEMPT)
         self.sampling = sampling or Sampling(temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=2048)
         if self.sampling.n != 1:
-            raise ValueError(f"the refiner writes one y_r per rollout: its sampling.n must be 1 (got {self.sampling.n})")
+            raise ValueError(f"the refiner writes one y_r per rollout: its sampling.n must be 1 (got {self.sampling.n}); "
+                             "BestOfNRewrite samples several and keeps one")
         self.fallback_template = self.optional_template(fallback_template, "refiner fallback_template")
         self.only_failed = only_failed
         self.require_answer = require_answer
@@ -71,22 +76,57 @@ class TeacherRewrite(Refiner):
             for r in rows
         ]
 
-    def acceptable(self, rewrite: list[int], text: str, truncated: bool, teacher: TeacherAccess, problem: str = "") -> bool:
+    def rows_to_refine(self, batch: PromptBatch, rollouts: Rollouts, teacher: TeacherAccess) -> list[int]:
+        """Every rollout, or (``only_failed``) those the verifier marks wrong."""
+        rows = list(range(len(rollouts)))
+        if not self.only_failed:
+            return rows
+        answers = [batch.answer[i] for i in rollouts.prompt_index]
+        return [r for r, correct in zip(rows, teacher.verifier.score_many(rollouts.texts, answers)) if not correct]
+
+    # -- a rewrite: propose -> accept -> select; a subclass changes one of them ------------------------------------
+    def propose(self, prompts: list[list[int]], teacher: TeacherAccess) -> Rollouts:
+        """The teacher's candidate rewrites, grouped by prompt (``prompt_index`` k for ``prompts[k]``): one each here."""
+        return teacher.generate(prompts, self.sampling)
+
+    def accept(self, rewrite: list[int], text: str, truncated: bool, teacher: TeacherAccess, problem: str = "") -> bool:
+        """Whether a candidate may be trained on: not empty, not cut off, and (as configured) with an answer the
+        verifier can read and steps it does not find wrong."""
         if truncated or not any(token not in teacher.stop_ids for token in rewrite):
             return False
         if self.require_valid_steps and teacher.verifier.steps_valid(problem, text) is False:
             return False
         return not self.require_answer or teacher.verifier.extract(text) is not None
 
+    def select(self, prompts: list[list[int]], answers: list[str], candidates: Rollouts, accepted: list[bool],
+               teacher: TeacherAccess) -> tuple[list[int | None], dict[str, list[float]]]:
+        """For each refine prompt (with its reference answer), the index into ``candidates`` of the rewrite to train
+        on, or None to fall back to y_o; and per-row metrics of the choice, logged as ``refine/<name>``. Here: the
+        first accepted candidate."""
+        choice: list[int | None] = [None] * len(prompts)
+        for c, k in enumerate(candidates.prompt_index):
+            if accepted[c] and choice[k] is None:
+                choice[k] = c
+        return choice, {}
+
+    def rewrite(self, batch: PromptBatch, rollouts: Rollouts, rows: list[int], prompts: list[list[int]],
+                teacher: TeacherAccess) -> tuple[Rollouts, list[bool], dict[str, list[float]]]:
+        """One rewrite per row of ``rows`` (the chosen one, else the first candidate), whether it was accepted, and
+        the choice's metrics."""
+        candidates = self.propose(prompts, teacher)
+        problems = [batch.problem[rollouts.prompt_index[rows[k]]] for k in candidates.prompt_index]
+        accepted = [self.accept(ids, text, cut, teacher, problem)
+                    for ids, text, cut, problem in zip(candidates.token_ids, candidates.texts, candidates.truncated, problems)]
+        answers = [batch.answer[rollouts.prompt_index[r]] for r in rows]
+        choice, metrics = self.select(prompts, answers, candidates, accepted, teacher)
+        first = {k: c for c, k in reversed(list(enumerate(candidates.prompt_index)))}
+        chosen = candidates.select([first[k] if c is None else c for k, c in enumerate(choice)])
+        return replace(chosen, prompt_index=[rollouts.prompt_index[r] for r in rows]), [c is not None for c in choice], metrics
+
     def refine(self, batch: PromptBatch, rollouts: Rollouts, teacher: TeacherAccess) -> Targets:
-        rows = list(range(len(rollouts)))
-        if self.only_failed:
-            answers = [batch.answer[i] for i in rollouts.prompt_index]
-            rows = [r for r, correct in zip(rows, teacher.verifier.score_many(rollouts.texts, answers)) if not correct]
+        rows = self.rows_to_refine(batch, rollouts, teacher)
         prompts = self.refine_prompts(batch, rollouts, rows, teacher)
-        rewrites = teacher.generate(prompts, self.sampling) if rows else None
-        if rewrites is not None:
-            rewrites = replace(rewrites, prompt_index=[rollouts.prompt_index[r] for r in rows])
+        rewrites, accepted, metrics = self.rewrite(batch, rollouts, rows, prompts, teacher) if rows else (None, [], {})
         targets = Targets(
             token_ids=list(rollouts.token_ids),
             texts=list(rollouts.texts),
@@ -94,19 +134,19 @@ class TeacherRewrite(Refiner):
             refined=[False] * len(rollouts),
             fallback=[False] * len(rollouts),
             rewrites=rewrites,
+            metrics=metrics,
         )
         for k, r in enumerate(rows):
-            ids, text, cut = rewrites.token_ids[k], rewrites.texts[k], rewrites.truncated[k]
-            if self.acceptable(ids, text, cut, teacher, batch.problem[rollouts.prompt_index[r]]):
-                targets.token_ids[r], targets.texts[r], targets.teacher_contexts[r] = ids, text, prompts[k]
+            if accepted[k]:
+                targets.token_ids[r], targets.texts[r], targets.teacher_contexts[r] = rewrites.token_ids[k], rewrites.texts[k], prompts[k]
                 targets.refined[r] = True
             else:
                 targets.fallback[r] = True
         return targets
 
     def teacher_solutions(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets, teacher: TeacherAccess, sampling: Sampling) -> Rollouts:
-        """The rewrite of every rollout, sampled as in training (``sampling`` sets only the rollouts)."""
+        """The rewrite of every rollout, chosen as in training (``sampling`` sets only the rollouts)."""
         if targets.rewrites is not None and len(targets.rewrites) == len(rollouts):
             return targets.rewrites
-        rewrites = teacher.generate(self.refine_prompts(batch, rollouts, list(range(len(rollouts))), teacher), self.sampling)
-        return replace(rewrites, prompt_index=list(rollouts.prompt_index))
+        rows = list(range(len(rollouts)))
+        return self.rewrite(batch, rollouts, rows, self.refine_prompts(batch, rollouts, rows, teacher), teacher)[0]
