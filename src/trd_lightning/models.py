@@ -23,7 +23,14 @@ CHATML_TEMPLATE = (
 
 @dataclass
 class LoRA:
-    """LoRA adapter settings (peft) for the student."""
+    """LoRA adapter settings (peft) for the student.
+
+    Args:
+        r: the adapters' rank.
+        alpha: their scale (the update is multiplied by alpha / r).
+        dropout: dropout on the adapters' input.
+        target_modules: which linear layers get adapters (``all-linear``, or a list of module names).
+    """
 
     r: int = 64
     alpha: int = 128
@@ -38,6 +45,20 @@ class ModelSpec:
     ``path`` is a local directory (or ``demo:<name>`` for the embedded demo models). With
     ``config`` instead, the model is built with random weights from that config (the keys of a
     transformers config, ``model_type`` included); its tokenizer then comes from ``tokenizer``.
+
+    Args:
+        path: a local model directory, or ``demo:student`` / ``demo:teacher`` (nothing is downloaded).
+        config: a transformers config (``model_type`` and its keys) to build a randomly initialised model instead.
+        tokenizer: a local tokenizer directory (default: the model's own; required with ``config``).
+        gguf_file: a GGUF file inside ``path`` to load the weights from (e.g. the offline SmolLM2 package).
+        dtype: the weights' dtype: float32, bfloat16 or float16.
+        trust_remote_code: allow the model directory's own modelling code.
+        chat_template: a Jinja chat template (text, a file, or ``chatml``) for tokenizers that lack one.
+        attn_implementation: transformers' attention kernel (``sdpa``, ``eager``, ``flash_attention_2``); varlen
+            kernels let micro-batches be packed without padding.
+        gradient_checkpointing: recompute activations in the backward pass (less memory, more compute).
+        lora: train LoRA adapters instead of all weights (``LoRA``: rank, alpha, dropout, target modules).
+        extra: more ``from_pretrained`` keyword arguments.
     """
 
     path: str | None = None
@@ -89,6 +110,12 @@ class Sharding:
     ``bfloat16`` on GPUs), gradients are reduced in ``reduce_dtype``; ``cpu_offload`` keeps the shards
     (and the optimizer state) in host memory. ``reshard_after_forward`` applies to the layers; the root
     stays gathered from its forward to its backward, as the fused divergence reads the LM head there.
+
+    Args:
+        param_dtype: the compute dtype of the gathered weights (null: the model's own).
+        reduce_dtype: the dtype gradients are reduced in.
+        cpu_offload: keep the shards and the optimizer state in host memory.
+        reshard_after_forward: free each layer's gathered weights after its forward (regathered for backward).
     """
 
     param_dtype: str | None = None

@@ -11,7 +11,16 @@ from torch import nn
 
 @dataclass
 class Sampling:
-    """How to sample a completion. ``top_k=0`` and ``top_p=1`` turn those filters off."""
+    """How to sample a completion. ``top_k=0`` and ``top_p=1`` turn those filters off.
+
+    Args:
+        temperature: divides the logits before sampling (> 0; for greedy decoding set ``greedy``).
+        top_p: nucleus sampling: keep the smallest set of tokens whose probability reaches this (1: off).
+        top_k: keep the k most likely tokens (0: off).
+        max_new_tokens: the longest completion; one cut there is marked truncated.
+        n: completions per prompt.
+        greedy: take the most likely token at each step (temperature, top_p and top_k are then ignored).
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0
