@@ -19,7 +19,7 @@ import torch
 
 from trd_lightning.models import ModelSpec, load_model, load_tokenizer, stop_token_ids
 from trd_lightning.rollout import HFEngine, Sampling, VLLMEngine
-from trd_lightning.rollout.callback import STUDENT
+from trd_lightning.rollout.base import STUDENT
 from trd_lightning.views import ChatPrompts
 
 MODELS = {

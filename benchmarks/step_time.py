@@ -20,7 +20,7 @@ from lightning.pytorch import Callback, seed_everything
 
 from trd_lightning.cli import TRDCLI
 from trd_lightning.module import DistillationModule
-from trd_lightning.rollout.callback import STUDENT
+from trd_lightning.rollout.base import STUDENT
 
 STAGES = ("rollout", "refine", "teacher", "student_forward", "backward", "optimizer")
 
@@ -35,7 +35,7 @@ class StepTimer(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.total.append(time.perf_counter() - self.start)
         for stage in STAGES:
-            self.stages[stage].append(pl_module.timings.get(stage, 0.0))
+            self.stages[stage].append(outputs["result"].record.seconds.get(stage, 0.0))
 
 
 def build(config: str, steps: int, extra: list[str]):

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from trd_lightning.data.chain import sample_problems
-from trd_lightning.diagnostics import PositionProfile, first_disagreement, pivot_mass, pivot_token_ids, token_stats, trajectory_stats
+from trd_lightning.diagnostics import PositionProfile, first_disagreement, pivot_token_ids, trajectory_stats
 from trd_lightning.metrics import SampledAccuracy, pass_at_k
+from trd_lightning.scores import pivot_mass, token_stats
 from trd_lightning.verifiers import AnswerParseError, ExactMatch, MathVerifier
 
 ROOT = Path(__file__).resolve().parents[1]

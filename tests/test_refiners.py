@@ -13,7 +13,7 @@ from trd_lightning.models import ModelSpec
 from trd_lightning.module import DistillationModule
 from trd_lightning.refiners.best_of_n import BestOfNRewrite
 from trd_lightning.rollout import Sampling
-from trd_lightning.rollout.callback import STUDENT
+from trd_lightning.rollout.base import STUDENT
 from trd_lightning.teachers import SeparateTeacher
 from trd_lightning.verifiers import ChainVerifier
 

@@ -14,7 +14,7 @@ from trd_lightning.data import PromptDataModule  # noqa: E402
 from trd_lightning.models import ModelSpec  # noqa: E402
 from trd_lightning.module import DistillationModule  # noqa: E402
 from trd_lightning.rollout import HFEngine, LogprobGuard, Sampling, StaleWeightsError, VLLMEngine  # noqa: E402
-from trd_lightning.rollout.callback import STUDENT  # noqa: E402
+from trd_lightning.rollout.base import STUDENT  # noqa: E402
 from trd_lightning.teachers import SeparateTeacher  # noqa: E402
 
 from .test_cli import ROOT, scalars  # noqa: E402

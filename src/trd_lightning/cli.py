@@ -164,6 +164,8 @@ def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     # The module steps its optimizer itself; a checkpoint holding the weights after that step is what we want.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    # torchdata 0.11 calls an API that torch 2.13 deprecates, at every iteration of the training data; nothing to act on.
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
     try:
         TRDCLI(args=args)
     except SIGTERMException:

@@ -35,28 +35,6 @@ def pivot_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
     return sorted(ids)
 
 
-@torch.no_grad()
-def token_stats(hidden: Tensor, head: Tensor, bias: Tensor | None, targets: Tensor, chunk_size: int = 256) -> tuple[Tensor, Tensor]:
-    """A model's log-probability of each target and its log-normaliser at each of N positions, a chunk at a time."""
-    logprobs, lse = torch.empty(len(targets), device=hidden.device), torch.empty(len(targets), device=hidden.device)
-    for start in range(0, len(targets), chunk_size):
-        rows = slice(start, start + chunk_size)
-        logits = (hidden[rows] @ head.T + (0 if bias is None else bias)).float()
-        lse[rows] = logits.logsumexp(-1)
-        logprobs[rows] = logits.gather(-1, targets[rows, None]).squeeze(-1) - lse[rows]
-    return logprobs, lse
-
-
-@torch.no_grad()
-def pivot_mass(hidden: Tensor, head: Tensor, bias: Tensor | None, lse: Tensor, pivot_ids: Sequence[int]) -> Tensor:
-    """The teacher's total probability on the pivot tokens at each position: [N]."""
-    if not pivot_ids:
-        return torch.zeros(len(lse), device=lse.device)
-    index = torch.as_tensor(list(pivot_ids), device=head.device)
-    logits = (hidden @ head[index].T + (0 if bias is None else bias[index])).float()
-    return (logits - lse[:, None]).exp().sum(-1)
-
-
 def first_disagreement(teacher_logprobs: Tensor, lengths: Tensor, threshold: float) -> Tensor:
     """Per sequence, the index of the first token whose teacher probability is under ``threshold``; -1 if none."""
     below = teacher_logprobs < torch.log(torch.tensor(threshold, dtype=teacher_logprobs.dtype))

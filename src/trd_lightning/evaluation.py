@@ -1,5 +1,7 @@
-"""Evaluation shared by the modules: n verified samples per problem, Avg@n and Pass@k per dataset,
-and, at the end of ``trd test``, a results table printed and written to the log dir."""
+"""Evaluation: n verified samples per problem, Avg@n and Pass@k per dataset, and, at the end of ``trd test``, a
+results table printed and written to the log dir (``EvaluationMixin``, shared by the modules). For distillation,
+also what the teacher produces under the refiner, and the divergence by relative position along y_o and the
+targets (``DistillationEvaluation``)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from trd_lightning.data.prompts import PromptBatch
+from trd_lightning.diagnostics import PositionProfile
 from trd_lightning.metrics import SampledAccuracy
-from trd_lightning.rollout.base import Rollouts
+from trd_lightning.rollout.base import STUDENT, Rollouts
+from trd_lightning.teachers.local import TEACHER
+from trd_lightning.views import build_views
 
 STAGES = ("val", "test")
 
@@ -106,6 +111,82 @@ class EvaluationMixin:
                 writer.writeheader()
                 writer.writerows(rows)
         print_table(rows, f"results ({directory / 'results.json'})")
+
+
+class DistillationEvaluation(EvaluationMixin):
+    """Validation and test of ``DistillationModule``: the student's accuracy, and in ``test`` what the teacher produces
+    under the refiner (``evaluate_teacher``) and the per-token divergence by relative position along y_o (the teacher
+    in its scoring context) and along the targets, written to ``results.json`` and plotted."""
+
+    TRAJECTORIES = ("y_o", "y_r")
+
+    def make_profiles(self) -> torch.nn.ModuleDict:
+        return torch.nn.ModuleDict({name: PositionProfile() for name in self.TRAJECTORIES})
+
+    def sync_student(self) -> None:
+        if self.engine.holds_weights:
+            self.engine.sync_weights(STUDENT, self.student)
+
+    def on_validation_epoch_start(self):
+        self.sync_student()
+
+    def on_test_epoch_start(self):
+        self.sync_student()
+        for profile in self.profiles.values():
+            profile.reset()
+
+    def evaluated_in(self, stage: str) -> tuple[str, ...]:
+        return ("student", "teacher") if stage == "test" and self.evaluate_teacher else ("student",)
+
+    def validation_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0):
+        rollouts = self.engine.generate(STUDENT, self.student, batch.prompt_ids, self.eval_sampling)
+        self.score("val", dataloader_idx, "student", batch, rollouts)
+
+    def test_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0):
+        rollouts = self.engine.generate(STUDENT, self.student, batch.prompt_ids, self.eval_sampling)
+        self.score("test", dataloader_idx, "student", batch, rollouts)
+        targets = self.refiner.refine(batch, rollouts, self.teacher_access)
+        if self.evaluate_teacher:
+            solutions = self.refiner.teacher_solutions(batch, rollouts, targets, self.teacher_access, self.eval_sampling)
+            self.score("test", dataloader_idx, "teacher", batch, solutions)
+        student_contexts = [batch.prompt_ids[i] for i in rollouts.prompt_index]
+        scoring = self.refiner.scoring_contexts(batch, rollouts.prompt_index, self.teacher_access)
+        scored = [not (batch.padding and batch.padding[i]) for i in rollouts.prompt_index]
+        self.profile("y_o", student_contexts, scoring, rollouts.token_ids, scored)
+        if self.refiner.rewrites:  # every rank runs the same passes (sharded models); padding is left out after
+            self.profile("y_r", student_contexts, targets.teacher_contexts, targets.token_ids,
+                         [keep and refined for keep, refined in zip(scored, targets.refined)])
+
+    def profile(self, trajectory: str, student_contexts: list, teacher_contexts: list, targets: list, keep: list[bool]) -> None:
+        """Add the per-token divergence along each kept row to that trajectory's position profile, in micro-batches."""
+        packed = (self.packs(STUDENT), self.packs(TEACHER))
+        costs = [max(len(s), len(t)) + len(y) for s, t, y in zip(student_contexts, teacher_contexts, targets)]
+        for rows, run in self.batcher.plan(costs, packed=all(packed)):
+            views = build_views([student_contexts[r] for r in run], [teacher_contexts[r] for r in run], [targets[r] for r in run],
+                                self.tokenizer.pad_token_id, packed)
+            if not views.num_target_tokens:
+                continue
+            out, _ = self.distill(views)
+            kept = [k for k, r in enumerate(rows) if keep[r]]
+            if kept:
+                values = out.per_token.split(views.target_lengths.tolist())
+                self.profiles[trajectory].update(torch.cat([values[k] for k in kept]), views.target_lengths[kept])
+
+    def on_test_epoch_end(self):
+        rows = self.compute_metrics("test")
+        trajectories = self.TRAJECTORIES if self.refiner.rewrites else ("y_o",)  # the same on every rank
+        profiles = {name: self.profiles[name].compute().tolist() for name in trajectories}
+        directory = self.log_dir()
+        self.write_results(directory, rows, {"divergence_by_relative_position": profiles, "divergence": self.divergence.describe()})
+        self.plot_profiles(directory, profiles)
+
+    @rank_zero_only
+    def plot_profiles(self, directory: Path, profiles: dict[str, list[float]]) -> None:
+        figure = plot_position_profiles(profiles, self.divergence.describe())
+        figure.savefig(directory / "divergence_by_position.png", dpi=120)
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_figure"):
+            experiment.add_figure("test/divergence_by_position", figure, self.global_step)
 
 
 def check_answers(verifier, datamodule, splits: list[str]) -> None:

@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from trd_lightning.scores import DenseScores, SparseScores, TeacherScores
+from trd_lightning.scores import DenseScores, SparseScores, TeacherScores, head_logits
 
 Direction = Literal["forward", "reverse", "jsd"]
 Support = Literal["full", "topk", "sampled"]
@@ -308,17 +308,10 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
 
 
-def _logits(hidden: Tensor, head: Tensor, bias: Tensor | None) -> Tensor:
-    logits = hidden @ head.T
-    if bias is not None:
-        logits = logits + bias
-    return logits.float()
-
-
 def _teacher_chunk(teacher: TeacherScores, rows: slice) -> Tensor | SparseScores:
     """The teacher at these rows, as the divergence's math takes it: fp32 logits (dense) or sparse scores."""
     if isinstance(teacher, DenseScores):
-        return _logits(teacher.hidden[rows], teacher.weight, teacher.bias)
+        return head_logits(teacher.hidden[rows], teacher.weight, teacher.bias)
     return teacher.select(rows)
 
 
@@ -339,7 +332,7 @@ class _FusedHeadDivergence(torch.autograd.Function):
             for start in range(0, n, divergence.chunk_size):
                 rows = slice(start, start + divergence.chunk_size)
                 values, grads, observed[:, rows] = divergence.values_and_grads(
-                    _logits(h[rows], w, b), _teacher_chunk(teacher, rows), targets[rows]
+                    head_logits(h[rows], w, b), _teacher_chunk(teacher, rows), targets[rows]
                 )
                 if divergence.clip is not None:
                     over = values > divergence.clip

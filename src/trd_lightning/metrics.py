@@ -24,6 +24,11 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 PER_SAMPLE = ("tests_passed", "steps_valid")
 
 
+def check_pass_k(n: int, ks: Sequence[int]) -> None:
+    if any(not 1 <= k <= n for k in ks):
+        raise ValueError(f"pass@k needs 1 <= k <= n for every k (n={n}, ks={list(ks)})")
+
+
 class SampledAccuracy(Metric):
     """Over problems with n verified samples each: Avg@n (mean share correct) and Pass@k per k; and the per-sample
     means a verifier can add (``PER_SAMPLE``): ``tests_passed``, the fraction of a row's tests a sample passed
@@ -36,8 +41,7 @@ class SampledAccuracy(Metric):
 
     def __init__(self, n: int, ks: Sequence[int] = (1,)):
         super().__init__()
-        if any(not 1 <= k <= n for k in ks):
-            raise ValueError(f"pass@k needs 1 <= k <= n for every k (n={n}, ks={list(ks)})")
+        check_pass_k(n, ks)
         self.n, self.ks = n, list(ks)
         self.add_state("avg_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("pass_sum", default=torch.zeros(len(self.ks), dtype=torch.float64), dist_reduce_fx="sum")

@@ -13,7 +13,13 @@ fewer sequences than that count gets empty micro-batches, which the trainer fill
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from trd_lightning.distributed import max_over_ranks
+from trd_lightning.views import ModelInputs, pack
 
 
 def first_fit_count(costs: Sequence[int], budget: int) -> int:
@@ -104,3 +110,24 @@ def plan_in_lockstep(costs_per_rank: Sequence[Sequence[int]], budget: int | None
     for thread in threads:
         thread.join(timeout=60)
     return plans
+
+
+@dataclass
+class MicroBatcher:
+    """Cuts one step's sequences on this rank into micro-batches under ``max_tokens`` (None: one micro-batch), the
+    same count on every rank (``device`` carries the agreeing collective)."""
+
+    max_tokens: int | None
+    pad_id: int
+    device: torch.device
+
+    def plan(self, costs: Sequence[int], packed: bool) -> Iterator[tuple[list[int], list[int]]]:
+        """(rows, rows to run) per micro-batch. A rank with fewer sequences gets empty micro-batches: it runs its
+        cheapest row there, to be discarded (a filler pass keeps sharded forwards and synced backwards in step)."""
+        for rows in plan_micro_batches(costs, self.max_tokens, lambda n: max_over_ranks(n, self.device), padded=not packed):
+            yield rows, rows or [min(range(len(costs)), key=costs.__getitem__)]
+
+    def inputs(self, contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], packed: bool) -> Iterator[tuple[list[int], ModelInputs]]:
+        """(rows, one model's inputs) per micro-batch of these (context, target) pairs; ``rows`` empty: a filler."""
+        for rows, run in self.plan([len(c) + len(t) for c, t in zip(contexts, targets)], packed):
+            yield rows, pack([contexts[r] for r in run], [targets[r] for r in run], self.pad_id, packed)

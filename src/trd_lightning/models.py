@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -341,6 +343,17 @@ def last_hidden_at(model: nn.Module, inputs) -> torch.Tensor:
     return captured[-1][inputs.predicting_positions()]
 
 
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode for the duration (no dropout), its mode restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 @torch.no_grad()
 def packs_correctly(model: nn.Module, device, vocab: int) -> bool:
     """Whether ``model`` keeps packed sequences apart: two short sequences, packed into one row, give the hidden
@@ -351,13 +364,9 @@ def packs_correctly(model: nn.Module, device, vocab: int) -> bool:
     generator = torch.Generator().manual_seed(0)
     first, second = (torch.randint(0, vocab, (n,), generator=generator).tolist() for n in (7, 5))
     contexts, targets = [first[:1], second[:1]], [first[1:], second[1:]]
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         packed = last_hidden_at(model, pack(contexts, targets, 0, packed=True).to(device))
         alone = torch.cat([last_hidden_at(model, pack([c], [t], 0).to(device)) for c, t in zip(contexts, targets)])
-    finally:
-        model.train(was_training)
     tolerance = 1e-3 if packed.dtype == torch.float32 else 5e-2  # a leak across sequences is off by O(1)
     gap = (packed.float() - alone.float()).abs().max()
     return bool(gap <= tolerance * alone.float().abs().max().clamp(min=1.0))

@@ -31,3 +31,12 @@ class WarmupCosine:
 
     def build(self, optimizer: Optimizer, total_steps: int) -> LambdaLR:
         return LambdaLR(optimizer, lambda step: self.factor(step, total_steps))
+
+
+def optimizer_and_schedule(optimizer_factory, lr_schedule: WarmupCosine | None, model, total_steps: int):
+    """``configure_optimizers``' answer for a module training ``model``'s trainable parameters: the optimizer, and the
+    schedule stepped once per optimizer step (null: a constant learning rate)."""
+    optimizer = optimizer_factory([p for p in model.parameters() if p.requires_grad])
+    if lr_schedule is None:
+        return optimizer
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_schedule.build(optimizer, total_steps), "interval": "step"}}

@@ -1,6 +1,6 @@
 """What keeps a long run trustworthy: exact resume, graceful interruption, non-finite steps skipped.
 
-- ``rng_state`` / ``set_rng_state``: every RNG rollout sampling draws from, as checkpointable tensors;
+- ``RolloutRandomness``: every RNG rollout sampling draws from, checkpointed per process and kept out of validation;
 - ``NonFiniteGuard``: a step whose loss or gradient is NaN/inf changes no weight; N in a row stop the run;
 - ``GracefulInterrupt``: SIGTERM or SIGINT lets the current step finish, then writes ``last.ckpt`` (under DDP too);
 - ``ResumableError`` / ``SaveOnResumableError``: a service outside the trainer (a teacher server) stayed down, so the
@@ -23,6 +23,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from trd_lightning.distributed import gather_objects, rank
+
 
 def rng_state() -> dict:
     """The CPU and CUDA torch generators and Python's ``random``, in a weights-only-loadable form."""
@@ -39,6 +41,39 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RolloutRandomness:
+    """The random streams rollouts are sampled from, kept exact across a restore and around validation.
+
+    The checkpoint holds every process's RNG state (their streams part as soon as their rollouts differ in length,
+    and the checkpoint is written from the first process's state). A restored state is applied at the first
+    rollout after the restore, so nothing run in between shifts the stream; validation in the middle of training
+    runs on a stashed copy. The same world size resumes exactly."""
+
+    def __init__(self):
+        self.resumed: dict | None = None
+        self.stashed: dict | None = None
+
+    def state_dict(self) -> dict:
+        return {"rng_per_rank": gather_objects(rng_state())}  # a collective: every process saves together
+
+    def load_state_dict(self, state: dict) -> None:
+        states = state["rng_per_rank"]
+        self.resumed = states[rank() % len(states)]
+
+    def before_rollout(self) -> None:
+        if self.resumed is not None:
+            set_rng_state(self.resumed)
+            self.resumed = None
+
+    def stash(self) -> None:
+        self.stashed = rng_state()
+
+    def restore_stash(self) -> None:
+        if self.stashed is not None:
+            set_rng_state(self.stashed)
+            self.stashed = None
 
 
 class NonFiniteGuard(Callback):

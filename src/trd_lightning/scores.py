@@ -19,7 +19,34 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from trd_lightning.diagnostics import pivot_mass, token_stats
+
+def head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """fp32 logits of an LM head over these hidden states: the one place a [N, V] block is made, a chunk at a time."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    return logits.float()
+
+
+@torch.no_grad()
+def token_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_size: int = 256) -> tuple[Tensor, Tensor]:
+    """A model's log-probability of each target and its log-normaliser at each of N positions, a chunk at a time."""
+    logprobs, lse = torch.empty(len(targets), device=hidden.device), torch.empty(len(targets), device=hidden.device)
+    for start in range(0, len(targets), chunk_size):
+        rows = slice(start, start + chunk_size)
+        logits = head_logits(hidden[rows], weight, bias)
+        lse[rows] = logits.logsumexp(-1)
+        logprobs[rows] = logits.gather(-1, targets[rows, None]).squeeze(-1) - lse[rows]
+    return logprobs, lse
+
+
+@torch.no_grad()
+def pivot_mass(hidden: Tensor, weight: Tensor, bias: Tensor | None, lse: Tensor, token_ids: Sequence[int]) -> Tensor:
+    """The total probability on ``token_ids`` at each position: [N] (their logits only, over the given normalisers)."""
+    if not token_ids:
+        return torch.zeros(len(lse), device=lse.device)
+    index = torch.as_tensor(list(token_ids), device=weight.device)
+    return (head_logits(hidden, weight[index], None if bias is None else bias[index]) - lse[:, None]).exp().sum(-1)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from trd_lightning.data.prompts import PromptBatch
 from trd_lightning.evaluation import EvaluationMixin
 from trd_lightning.models import ModelSpec, export_hf, last_hidden_at, load_model, load_tokenizer, output_head, stop_token_ids
-from trd_lightning.optim import WarmupCosine
+from trd_lightning.optim import WarmupCosine, optimizer_and_schedule
 from trd_lightning.rollout import HFEngine, RolloutEngine, Sampling
 from trd_lightning.verifiers import ExactMatch, Verifier
 from trd_lightning.views import ModelInputs
@@ -58,11 +58,7 @@ class SFTModule(EvaluationMixin, LightningModule):
             self.engine.setup(self.tokenizer, stop_token_ids(self.tokenizer, self.model))
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
-        if self.lr_schedule is None:
-            return optimizer
-        scheduler = self.lr_schedule.build(optimizer, int(self.trainer.estimated_stepping_batches))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer_and_schedule(self.optimizer_factory, self.lr_schedule, self.model, int(self.trainer.estimated_stepping_batches))
 
     def training_step(self, batch: ModelInputs, batch_idx: int):
         hidden = last_hidden_at(self.model, batch)

@@ -7,13 +7,26 @@ diagnostics pass, no rewrite, no failed rollout) logs no value for it, rather th
 
 from __future__ import annotations
 
+import math
+import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+from rapidfuzz.distance import Levenshtein
 from torch import Tensor
 
 from trd_lightning.diagnostics import trajectory_stats
+from trd_lightning.distributed import gather_objects
+
+if TYPE_CHECKING:
+    from trd_lightning.data.prompts import PromptBatch
+    from trd_lightning.refiners import Targets
+    from trd_lightning.rollout import Rollouts
+    from trd_lightning.verifiers import Verifier
 
 REFINER_METRIC = "refiner:"  # the prefix of a refiner's own per-row values in a record's rows
 
@@ -39,6 +52,15 @@ class StepRecord:
     def token_values(self, name: str) -> Tensor | None:
         return torch.cat(self.tokens[name]) if self.tokens.get(name) else None
 
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Adds the enclosed block's wall time to ``seconds[stage]``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - start
+
     @staticmethod
     def merge(records: list[StepRecord]) -> StepRecord:
         """One record of the whole step: rows and tokens concatenated in rank order, totals summed, the
@@ -56,14 +78,56 @@ class StepRecord:
         return merged
 
 
+@dataclass
+class StepResult:
+    """What one optimizer step produced, as ``training_step`` hands it to the logging: the step's prompts, rollouts
+    and targets on this rank, and its record. ``target_name``: ``y_r`` when the refiner rewrites, else ``y_o``.
+    ``scheduled``: the step ran a pass on a step-number schedule (the diagnostics, the stale-weights guard), so its
+    measurements are logged even between logging steps."""
+
+    step: int
+    batch: PromptBatch
+    rollouts: Rollouts
+    targets: Targets
+    record: StepRecord
+    target_name: str
+    scheduled: bool = False
+
+
 def gather(record: StepRecord) -> StepRecord:
     """The whole step's record, on every rank (a collective under DDP/FSDP; this record as it is in one process)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
-        return record
-    records: list = [None] * torch.distributed.get_world_size()
     plain = StepRecord(dict(record.rows), dict(record.tokens), dict(record.totals), dict(record.seconds))
-    torch.distributed.all_gather_object(records, plain)
-    return StepRecord.merge(records)
+    records = gather_objects(plain)
+    return record if len(records) == 1 else StepRecord.merge(records)
+
+
+def verify(verifier: Verifier, batch: PromptBatch, rollouts: Rollouts, targets: Targets) -> dict[str, list[float]]:
+    """Per rollout: its length, cut-off and correctness; where its target is a rewrite, the rewrite's; where the
+    verifier checks steps, whether every step is right. Each set of responses is verified in one call (a code
+    verifier runs their tests concurrently)."""
+    answers = [batch.answer[i] for i in rollouts.prompt_index]
+    refined = [r for r in range(len(rollouts)) if targets.refined[r]]
+    y_o_correct, y_o_tests = verifier.grade_many(rollouts.texts, answers)
+    y_r_correct = dict(zip(refined, verifier.score_many([targets.texts[r] for r in refined], [answers[r] for r in refined])))
+    rows: dict[str, list[float]] = defaultdict(list)
+    for r, ids in enumerate(rollouts.token_ids):
+        values = {
+            "y_o_length": len(ids), "y_o_truncated": rollouts.truncated[r], "y_o_correct": y_o_correct[r],
+            "refined": targets.refined[r], "fallback": targets.fallback[r], "target_length": len(targets.token_ids[r]),
+            "y_r_correct": y_r_correct.get(r, False),
+            "edit_similarity": Levenshtein.normalized_similarity(ids, targets.token_ids[r]) if targets.refined[r] else 0.0,
+        }
+        if y_o_tests is not None:
+            values["y_o_tests_passed"] = y_o_tests[r]
+        problem = batch.problem[rollouts.prompt_index[r]]
+        if (valid := verifier.steps_valid(problem, rollouts.texts[r])) is not None:  # tasks whose steps can be checked
+            values["y_o_steps_valid"] = valid
+            values["y_r_steps_valid"] = targets.refined[r] and verifier.steps_valid(problem, targets.texts[r])
+        for name, value in values.items():
+            rows[name].append(float(value))
+    for name, values in targets.metrics.items():  # the refiner's own, logged as refine/<name>
+        rows[f"{REFINER_METRIC}{name}"].extend(values)
+    return rows
 
 
 def mean(values: list[float]) -> float | None:
@@ -101,14 +165,19 @@ def step_metrics(record: StepRecord, threshold: float, target_name: str) -> dict
     for name, values in rows.items():  # a refiner's own per-row values (BestOfNRewrite's choice, ...)
         if name.startswith(REFINER_METRIC) and values:
             out[f"refine/{name[len(REFINER_METRIC):]}"] = mean(values)
-    if rows.get("coherence_refine"):  # the diagnostics pass: each rewrite without the privileged context, on its schedule
-        refine, plain = rows["coherence_refine"], rows["coherence_plain"]
+    # the diagnostics pass, on its schedule: each rewrite's likelihood with and without the privileged context
+    scored = [r for r, value in enumerate(rows.get("y_r_logprob_refine", [])) if math.isfinite(value) and rows["refined"][r]]
+    if scored:
+        refine, plain = [rows["y_r_logprob_refine"][r] for r in scored], [rows["y_r_logprob_plain"][r] for r in scored]
         gaps = [p - r for p, r in zip(plain, refine)]
         out["refine/y_r_logprob_refine_prompt"], out["refine/y_r_logprob_plain_prompt"] = mean(refine), mean(plain)
         out["refine/coherence_gap"] = mean(gaps)
-        for name, flags in (("steps_valid", rows.get("coherence_steps_valid")), ("answer_patched", rows.get("coherence_answer_patched"))):
-            if flags:
-                out[f"refine/coherence_gap_{name}"] = mean([gap for gap, flag in zip(gaps, flags) if flag])
+        if rows.get("y_r_steps_valid"):  # split by what the rewrite really is: right at every step, or answer-patched
+            valid = [bool(rows["y_r_steps_valid"][r]) for r in scored]
+            patched = [bool(rows["y_r_correct"][r]) and not ok for r, ok in zip(scored, valid)]
+            for name, flags in (("steps_valid", valid), ("answer_patched", patched)):
+                if any(flags):
+                    out[f"refine/coherence_gap_{name}"] = mean([gap for gap, flag in zip(gaps, flags) if flag])
     # the loss and its per-token values
     if totals.get("target_tokens"):
         out["train/loss"] = totals["loss"]

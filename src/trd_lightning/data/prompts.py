@@ -6,22 +6,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 
-import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
+from trd_lightning.distributed import distributed
 from trd_lightning.models import resolve_path
 from trd_lightning.rollout.base import Rollouts
 from trd_lightning.templates import PROBLEM, SOLUTION, Template
 from trd_lightning.views import ChatPrompts, PromptTooLongError
-
-# torchdata 0.11 calls an API that torch 2.13 deprecates, at every iteration; nothing to act on.
-warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 
 class DataError(ValueError):
@@ -343,7 +339,3 @@ def named_paths(path: str | dict | None, split: str) -> dict:
     if not path:
         raise DataError(f"{split}_path is an empty mapping; give at least one dataset or null")
     return dict(path)
-
-
-def distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+STUDENT = "student"  # an engine holds weights by role: the student's, and a teacher's with weights of its own
+
 
 @dataclass
 class Sampling:

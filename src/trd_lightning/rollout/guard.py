@@ -32,19 +32,17 @@ class LogprobGuard:
     def due(self, step: int) -> bool:
         return step % self.every == 0
 
-    def check(self, engine_logprobs: Sequence[Sequence[float]], trainer_logprobs: torch.Tensor, step: int) -> dict[str, float]:
-        """Gaps over every sampled token; ``trainer_logprobs`` holds them concatenated in rollout order."""
+    def check(self, engine_logprobs: Sequence[Sequence[float]], trainer_logprobs: torch.Tensor, step: int) -> torch.Tensor:
+        """The absolute gap at every sampled token (``trainer_logprobs`` holds them concatenated in rollout order);
+        warns, or stops, when their mean is over ``max_mean_gap``."""
         engine = torch.tensor([value for row in engine_logprobs for value in row], dtype=torch.float64)
         if engine.numel() != trainer_logprobs.numel():
             raise ValueError(f"the engine returned {engine.numel()} log-probabilities for {trainer_logprobs.numel()} sampled tokens")
-        if engine.numel() == 0:
-            return {}
         gap = (engine - trainer_logprobs.detach().double().cpu()).abs()
-        stats = {"rollout/logprob_gap_mean": float(gap.mean()), "rollout/logprob_gap_max": float(gap.max())}
-        if not stats["rollout/logprob_gap_mean"] <= self.max_mean_gap:  # a NaN gap fails too
+        if engine.numel() and not float(gap.mean()) <= self.max_mean_gap:  # a NaN gap fails too
             message = (
                 f"step {step}: the rollout engine's log-probabilities of its sampled tokens differ from the trainer's by "
-                f"{stats['rollout/logprob_gap_mean']:.3g} nats on average (max {stats['rollout/logprob_gap_max']:.3g}; "
+                f"{float(gap.mean()):.3g} nats on average (max {float(gap.max()):.3g}; "
                 f"threshold {self.max_mean_gap}). The engine most likely generates from stale weights: check that a weight "
                 "sync ran before this rollout (sync_every) and that it loaded every tensor. A dtype or kernel difference "
                 "(bf16 engine, fp32 trainer) gives smaller, steady gaps; raise max_mean_gap if that is the cause."
@@ -52,4 +50,4 @@ class LogprobGuard:
             if self.stop:
                 raise StaleWeightsError(message)
             rank_zero_warn(message)
-        return stats
+        return gap

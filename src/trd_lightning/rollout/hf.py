@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from trd_lightning.models import base_model, is_sharded
+from trd_lightning.models import base_model, evaluating, is_sharded
 from trd_lightning.rollout.base import RolloutEngine, Rollouts, Sampling, split_completion
 
 
@@ -43,21 +43,16 @@ class HFEngine(RolloutEngine):
             output_logits=self.return_logprobs,
         )
         token_ids, truncated, logprobs = [], [], []
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for start in range(0, len(expanded), self.batch_size):
-                    chunk = expanded[start : start + self.batch_size]
-                    out = self._generate_chunk(model, chunk, config)
-                    for row, generated in enumerate(out["tokens"]):
-                        ids, cut = split_completion(generated, self.stop_ids, sampling.max_new_tokens)
-                        token_ids.append(ids)
-                        truncated.append(cut)
-                        if self.return_logprobs:
-                            logprobs.append(out["logprobs"][row][: len(ids)])
-        finally:
-            model.train(was_training)
+        with torch.no_grad(), evaluating(model):
+            for start in range(0, len(expanded), self.batch_size):
+                chunk = expanded[start : start + self.batch_size]
+                out = self._generate_chunk(model, chunk, config)
+                for row, generated in enumerate(out["tokens"]):
+                    ids, cut = split_completion(generated, self.stop_ids, sampling.max_new_tokens)
+                    token_ids.append(ids)
+                    truncated.append(cut)
+                    if self.return_logprobs:
+                        logprobs.append(out["logprobs"][row][: len(ids)])
         return Rollouts(
             prompt_index=[i for i in range(len(prompts)) for _ in range(sampling.n)],
             token_ids=token_ids,

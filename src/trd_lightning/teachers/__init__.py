@@ -5,7 +5,7 @@
 """
 
 from trd_lightning.teachers.base import Teacher
-from trd_lightning.teachers.local import LocalTeacher, SelfTeacher, SeparateTeacher, evaluating, freeze
+from trd_lightning.teachers.local import LocalTeacher, SelfTeacher, SeparateTeacher, freeze
 from trd_lightning.teachers.vllm_server import TeacherSetupError, VLLMServerTeacher
 
-__all__ = ["LocalTeacher", "SelfTeacher", "SeparateTeacher", "Teacher", "TeacherSetupError", "VLLMServerTeacher", "evaluating", "freeze"]
+__all__ = ["LocalTeacher", "SelfTeacher", "SeparateTeacher", "Teacher", "TeacherSetupError", "VLLMServerTeacher", "freeze"]

@@ -59,13 +59,3 @@ class Teacher(ABC):
 
     def release(self) -> None:
         """Called once a micro-batch's divergence has used the scores: free what ``score`` kept gathered."""
-
-    @property
-    def is_self(self) -> bool:
-        """Whether the teacher is the student's own model (OPSD)."""
-        return False
-
-    @property
-    def is_live(self) -> bool:
-        """Whether the teacher is the student's current weights (so it changes every step)."""
-        return False

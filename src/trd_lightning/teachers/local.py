@@ -20,6 +20,7 @@ from torch import nn
 from trd_lightning.models import (
     ModelSpec,
     check_plain_head,
+    evaluating,
     is_peft,
     is_sharded,
     last_hidden_at,
@@ -29,24 +30,12 @@ from trd_lightning.models import (
     packs_sequences,
     vocab_size,
 )
-from trd_lightning.rollout.base import RolloutEngine, Rollouts, Sampling
-from trd_lightning.rollout.callback import STUDENT
+from trd_lightning.rollout.base import STUDENT, RolloutEngine, Rollouts, Sampling
 from trd_lightning.scores import DenseScores
 from trd_lightning.teachers.base import Teacher
 from trd_lightning.views import ModelInputs
 
 TEACHER = "teacher"  # the rollout engine's role for a teacher with its own weights
-
-
-@contextmanager
-def evaluating(module: nn.Module) -> Iterator[nn.Module]:
-    """``module`` in eval mode for the duration, its mode restored after."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -60,6 +49,7 @@ class LocalTeacher(Teacher):
     student: nn.Module | None = None
     own: nn.Module | None = None  # the teacher's own weights, when it has any (not for a live/LoRA self-teacher)
     engine: RolloutEngine | None = None
+    is_live: bool = False  # the teacher is the student's current weights, so it generates through the student's engine role
 
     @abstractmethod
     def build(self, student: nn.Module) -> nn.Module | None:
@@ -137,10 +127,6 @@ class SelfTeacher(LocalTeacher):
     def __init__(self, frozen: bool = True):
         self.frozen = frozen
         self.persistent = frozen  # a step-0 copy exists only in this run's checkpoints
-
-    @property
-    def is_self(self) -> bool:
-        return True
 
     @property
     def is_live(self) -> bool:
