@@ -166,6 +166,8 @@ def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     # torchdata 0.11 calls an API that torch 2.13 deprecates, at every iteration of the training data; nothing to act on.
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+    # Lightning 2.6's data-loader flattening uses a torch 2.13 deprecated pytree API, once per fit; nothing to act on.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     try:
         TRDCLI(args=args)
     except SIGTERMException:

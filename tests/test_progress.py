@@ -1,0 +1,37 @@
+"""The training progress bar counts optimizer steps of max_steps, in place of Lightning's default bar only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+from trd_lightning.cli import TRDCLI
+from trd_lightning.progress import StepProgressBar
+
+pytestmark = pytest.mark.slow
+OPD = Path(__file__).resolve().parents[1] / "configs" / "demo" / "opd.yaml"
+
+
+def fit(tmp_path, *extra: str):
+    cli = TRDCLI(args=["--config", str(OPD), "--trainer.max_steps=3", f"--trainer.default_root_dir={tmp_path}",
+                       "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]",
+                       "--trainer.limit_val_batches=0", "--data.init_args.batch_size=2", "--model.init_args.export_student=false",
+                       "--model.init_args.sampling.max_new_tokens=4", *extra], run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli.trainer
+
+
+def test_the_default_bar_counts_steps_of_max_steps(tmp_path):
+    bar = fit(tmp_path).progress_bar_callback
+    assert type(bar) is StepProgressBar
+    task = bar.progress.tasks[bar.train_progress_bar_id]
+    assert (task.total, task.completed) == (3, 3)
+    assert "Epoch" not in task.description and "step" in task.description
+
+
+def test_a_bar_the_config_chose_is_kept(tmp_path):
+    trainer = fit(tmp_path, "--trainer.callbacks=lightning.pytorch.callbacks.TQDMProgressBar")
+    assert type(trainer.progress_bar_callback) is TQDMProgressBar
+    assert not any(isinstance(c, StepProgressBar) for c in trainer.callbacks)
