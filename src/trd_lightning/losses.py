@@ -54,7 +54,24 @@ class DivergenceOutput:
 class Divergence:
     """A per-token divergence, reduced over the batch's target tokens.
 
-    ``chunk_size`` bounds memory: about ``8 * chunk_size * vocab`` fp32 values live at once.
+    Args:
+        direction: ``forward`` KL(teacher || student), ``reverse`` KL(student || teacher), or ``jsd`` (the generalized
+            Jensen-Shannon divergence, mixed by ``beta``). Ignored with ``support: sampled``, which has ``estimator``.
+        support: the tokens it is computed over: ``full`` (the whole vocabulary), ``topk`` (the teacher's ``top_k``
+            tokens, both distributions renormalised on them) or ``sampled`` (the target token only, by ``estimator``).
+        beta: the ``jsd`` mixture weight, in [0, 1]: M = beta * teacher + (1 - beta) * student; 0 is forward KL and 1
+            reverse KL, as in TRL/GKD. Used only by ``direction: jsd``.
+        top_k: how many of the teacher's most likely tokens ``support: topk`` keeps (> 0; at most the vocabulary).
+        tail: with ``support: topk``, add one outcome holding each distribution's mass outside the top-k (as TRL
+            does) instead of renormalising on the top-k; needs ``support: topk``.
+        estimator: the ``support: sampled`` estimate from p(target) and q(target): ``k1`` (log p - log q), ``k3``
+            ((r - 1) - log r, r = q/p) or ``pg`` (value k1; gradient -A * grad log p with A = log q - log p).
+        clip: cap each position's value at this (> 0); capped positions get no gradient. Null: no cap.
+        temperature: the softmax temperature of both student and teacher (> 0; 1: the raw distributions).
+        reduction: ``token`` (every target token of the step weighs the same) or ``sequence`` (each sequence's mean,
+            averaged over sequences).
+        chunk_size: target positions whose logits are computed at once; it bounds memory: about
+            ``8 * chunk_size * vocab`` fp32 values live at once.
     """
 
     def __init__(

@@ -11,7 +11,17 @@ from torch.optim.lr_scheduler import LambdaLR
 
 @dataclass
 class WarmupCosine:
-    """Warm up over ``warmup_ratio`` of the run, then follow a cosine down to ``min_lr_ratio`` x the peak."""
+    """Warm up over ``warmup_ratio`` of the run, then follow a cosine down to ``min_lr_ratio`` x the peak.
+
+    The peak is the optimizer's learning rate; the schedule steps once per optimizer step, over the run's
+    estimated total of optimizer steps.
+
+    Args:
+        warmup_ratio: the share of the run's optimizer steps over which the learning rate rises linearly to the peak,
+            in [0, 1); 0: no warmup.
+        min_lr_ratio: the learning rate at the end of the cosine, as a fraction of the peak, in [0, 1]; 1 keeps the
+            peak after the warmup.
+    """
 
     warmup_ratio: float = 0.1
     min_lr_ratio: float = 0.1

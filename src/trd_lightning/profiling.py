@@ -12,7 +12,11 @@ from lightning.pytorch import Callback
 
 class StepProfiler(Callback):
     """Writes ``profile_rank<N>.json`` into ``directory``: wall time of every training step (from batch
-    start to batch end) and the process's peak resident memory at the end of fit."""
+    start to batch end) and the process's peak resident memory at the end of fit.
+
+    Args:
+        directory: the folder the reports are written to (created if missing), one file per process.
+    """
 
     def __init__(self, directory: str):
         self.directory = Path(directory)

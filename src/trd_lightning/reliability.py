@@ -77,10 +77,17 @@ class RolloutRandomness:
 
 
 class NonFiniteGuard(Callback):
-    """Skips the optimizer update of a step whose loss or gradients are not finite (the gradients are
-    dropped, so AdamW leaves every weight and moment untouched), counts and logs it, and stops the run
-    after ``max_consecutive`` such steps in a row. The module calls ``check`` between its backward passes
-    and its optimizer step, before any clipping (which would turn an infinite gradient into a finite one)."""
+    """Skips the optimizer update of a step whose loss or gradients are not finite.
+
+    The gradients are dropped, so AdamW leaves every weight and moment untouched; the guard counts and logs the
+    step, and stops the run after ``max_consecutive`` such steps in a row. ``DistillationModule`` adds it itself
+    and calls ``check`` between its backward passes and its optimizer step, before any clipping (which would turn
+    an infinite gradient into a finite one).
+
+    Args:
+        max_consecutive: stop the run after this many skipped steps in a row (> 0; the module's
+            ``max_consecutive_skips``).
+    """
 
     def __init__(self, max_consecutive: int = 5):
         if max_consecutive <= 0:

@@ -21,8 +21,21 @@ from trd_lightning.views import ModelInputs
 
 
 class SFTModule(EvaluationMixin, LightningModule):
-    """Cross-entropy on the response tokens only (token-mean), then ``save_pretrained`` to ``export_dir``
-    (default: ``<log dir>/model_hf``) at the end of fit. Validation reports generation accuracy."""
+    """Supervised fine-tuning: cross-entropy on the response tokens only (token-mean).
+
+    At the end of fit the model is saved with ``save_pretrained`` to ``export_dir`` (default: ``<log dir>/model_hf``).
+    Validation reports generation accuracy.
+
+    Args:
+        model: the model being trained (a local path or a config; optional LoRA).
+        optimizer: an optimizer class and its arguments (``class_path`` / ``init_args``).
+        lr_schedule: warmup + cosine, stepped once per optimizer step; null keeps the learning rate constant.
+        engine: generates the completions validation and test score (``HFEngine`` by default).
+        eval_sampling: how validation and test sample (``n`` per problem, for Avg@n / Pass@k); null: greedy, one each.
+        verifier: checks the answers of evaluation completions (``ExactMatch`` by default); not part of the loss.
+        pass_k: the k of Pass@k in evaluation (each <= eval_sampling.n).
+        export_dir: where the trained model is saved at the end of fit; null: ``model_hf`` in the log dir.
+    """
 
     def __init__(
         self,

@@ -22,9 +22,18 @@ SAMPLE_FIELDS = ("y_o_correct", "y_o_steps_valid", "y_o_truncated", "refined", "
 
 
 class StepLog(Callback):
-    """Logs each step's metrics over the whole global batch, and every ``samples_every`` steps appends each row of
-    the step (problem, y_o, y_r and what was measured of them) to ``samples/rank<r>.jsonl`` in the log dir, showing a
-    few as text in TensorBoard. ``threshold``: the teacher probability under which a token is a disagreement."""
+    """Logs each step's metrics over the whole global batch, and writes samples of the step's rows.
+
+    ``DistillationModule`` adds it itself, from its own settings.
+
+    Args:
+        verifier: checks each row's y_o and y_r (answers, and steps where it can) for the step's metrics.
+        threshold: the teacher probability under which a target token is a disagreement (the module's
+            ``disagreement_threshold``).
+        samples_every: every this many steps, append each row of the step (problem, y_o, y_r and what was measured of
+            them) to ``samples/rank<r>.jsonl`` in the log dir and show a few as text in TensorBoard; 0: never.
+        samples_shown: how many of those rows TensorBoard shows.
+    """
 
     def __init__(self, verifier: Verifier, threshold: float, samples_every: int, samples_shown: int = 4):
         self.verifier = verifier

@@ -14,6 +14,13 @@ class FSDP2Strategy(ModelParallelStrategy):
     across nodes, which would feed every process of a node the same batch. Here the data-parallel size is the
     world size and the tensor-parallel size 1; ``DistillationModule.configure_model`` applies ``fully_shard``
     over that one dimension.
+
+    Args:
+        save_distributed_checkpoint: each rank saves its shard of the weights and optimizer state, and a checkpoint
+            is a folder with one file per rank; false assembles everything on rank 0 into a single file.
+        process_group_backend: the ``torch.distributed`` backend (``nccl``, ``gloo``, ...); null: the default for the
+            device (``nccl`` on CUDA, ``gloo`` on CPU).
+        timeout: how long a collective may wait before it fails; null: Lightning's default (30 minutes).
     """
 
     def __init__(self, save_distributed_checkpoint: bool = True, process_group_backend: str | None = None, timeout: timedelta | None = None):

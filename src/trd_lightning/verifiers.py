@@ -51,7 +51,11 @@ class Verifier(ABC):
 
 class ExactMatch(Verifier):
     """The last match of ``pattern``'s first group, compared with the answer as stripped strings.
-    The default pattern reads the demo task's ``a:<answer>``."""
+
+    Args:
+        pattern: a regular expression whose first capture group is the answer; the response's last match counts.
+            The default reads the demo task's ``a:<answer>``.
+    """
 
     def __init__(self, pattern: str = r"a:\s*(\S+)"):
         self.pattern = re.compile(pattern)
@@ -74,9 +78,16 @@ class ExactMatch(Verifier):
 
 
 class ChainVerifier(ExactMatch):
-    """The demo's chain task: the answer as ``ExactMatch`` reads it, and every step checked: each step starts
-    from the previous value (the start digit first), applies the problem's next operator and operand, and
-    states the right result mod 10; the answer is the last value, after exactly as many steps as operations."""
+    """The demo's chain task: the answer as ``ExactMatch`` reads it, and every step checked.
+
+    Each step starts from the previous value (the start digit first), applies the problem's next operator and
+    operand, and states the right result mod 10; the answer is the last value, after exactly as many steps as
+    operations.
+
+    Args:
+        pattern: as in ``ExactMatch``: a regular expression whose first capture group is the answer (default:
+            ``a:<answer>``). The steps are checked on the whole response, whatever the pattern.
+    """
 
     def steps_valid(self, problem: str, response: str) -> bool | None:
         from trd_lightning.data.chain import parse_problem, render_steps
@@ -96,8 +107,13 @@ def _parse_gold(text: str):
 
 
 class MathVerifier(Verifier):
-    """The last ``\\boxed{...}`` of a response, compared with the reference by ``math-verify``
-    (equivalent fractions, decimals, LaTeX and symbolic forms count as equal)."""
+    """The last ``\\boxed{...}`` of a response, compared with the reference by ``math-verify``.
+
+    Equivalent fractions, decimals, LaTeX and symbolic forms count as equal.
+
+    Args:
+        float_rounding: the decimal places to which math-verify rounds floats before comparing them.
+    """
 
     def __init__(self, float_rounding: int = 6):
         self.float_rounding = float_rounding
@@ -150,9 +166,10 @@ class CodeVerdict:
 
 
 class CodeVerifier(Verifier):
-    """Runs the program of a response (its last fenced code block) against the row's tests, each test in
-    its own sandbox run (``trd_lightning.sandbox``); a response passes when every test passes. The row's
-    ``answer`` holds the tests (``trd_lightning.code_tests`` lists the forms read: TACO, LiveCodeBench,
+    """Runs the program of a response (its last fenced code block) against the row's tests.
+
+    Each test is its own sandbox run (``trd_lightning.sandbox``); a response passes when every test passes. The
+    row's ``answer`` holds the tests (``trd_lightning.code_tests`` lists the forms read: TACO, LiveCodeBench,
     EvalPlus).
 
     Args:

@@ -23,6 +23,34 @@ KINDS = ("plain", "privileged", "refine", "refine_reference")
 
 
 class ChainSFTData(SFTDataModule):
+    """SFT on generated chain problems, of the kinds this module's docstring lists.
+
+    Every response is the problem's worked solution. Validation and test read problem files, as ``PromptDataModule`` does.
+
+    Args:
+        mixture: the relative weight of each kind of example (``plain``, ``privileged``, ``refine``,
+            ``refine_reference``), drawn per example; null: ``plain`` only.
+        num_examples: how many training examples to generate.
+        steps: operations per generated problem.
+        flawed: the probability that an example's attempt is flawed rather than the correct solution, in [0, 1]
+            (seen only by kinds whose template shows the attempt: ``refine``, ``refine_reference``).
+        corruptions: the kinds of mistake a flawed attempt is drawn from (``slip``, ``copy``, ``noise``,
+            ``truncate``; see ``chain.flawed_attempt``); null: ``slip`` only.
+        seed: seeds the draw of problems, kinds and attempts: the same seed gives the same examples.
+        exclude_paths: data files whose rows' ``problem`` is never generated, to keep validation and test
+            problems out of training; null: none.
+        templates: the user-message template of a kind, as ``{kind: template}``, over the defaults
+            ``demo_student``, ``demo_privileged``, ``demo_refine`` and ``demo_refine_reference``.
+        val_path: the validation problems, as in ``PromptDataModule``; null: no validation.
+        test_path: the test problems, as in ``PromptDataModule``.
+        prompt_template: the student's user message for validation and test problems (training uses ``templates``).
+        batch_size: training examples per process per batch.
+        eval_batch_size: prompts per process per evaluation batch (default: ``batch_size``).
+        max_tokens: the longest training example (prompt + response, in tokens); a longer one is an error at setup.
+        num_workers: DataLoader worker processes; 0 loads in the main process.
+        tokenizer: the student's tokenizer; the CLI passes the model's own.
+    """
+
     def __init__(
         self,
         mixture: dict[str, float] | None = None,

@@ -114,27 +114,34 @@ def collate(items: list[dict]) -> PromptBatch:
 class PromptDataModule(LightningDataModule):
     """Problems for distillation and evaluation.
 
+    ``problem_field``, ``answer_field`` and ``solution_field`` say where each comes from in a row: a column name,
+    or a path into a column that holds JSON or nested data (``solutions[0]``: the first element of the
+    ``solutions`` list).
+
     Args:
-        train_path: a local ``.jsonl`` or ``.parquet`` file.
-        val_path / test_path: one such file, or several as ``{name: path}``; metrics are then
+        train_path: the training problems: a local ``.jsonl`` or ``.parquet`` file; null: none (evaluation only).
+        val_path: the validation problems: one such file, or several as ``{name: path}``; metrics are then
             reported per dataset, as ``val/<name>/...``. A dataset in its own schema gives a mapping instead
             of the path: ``{path: ..., problem_field: ..., answer_field: ..., solution_field: ...,
-            starter_field: ..., prompt_template: ...}``, each key overriding the module's setting.
-        problem_field / answer_field / solution_field: where each comes from in a row: a column name, or a
-            path into a column that holds JSON or nested data (``solutions[0]``: the first element of the
-            ``solutions`` list). Set ``solution_field: null`` when the data has no reference solutions (OPSD
-            and reference-based refining need them). ``answer_field`` may also map names to columns
-            (``{tests: input_output}``; a list of columns gives a list of values): the answer is then that
+            starter_field: ..., prompt_template: ...}``, each key overriding the module's setting. Null: no validation.
+        test_path: the test problems, given as ``val_path`` is (metrics as ``test/<name>/...``).
+        problem_field: where a row's problem is (a column, or a path into one).
+        answer_field: where a row's reference answer is (a column, or a path into one). It may also map names to
+            columns (``{tests: input_output}``; a list of columns gives a list of values): the answer is then that
             JSON object, which is how code rows carry their tests (``trd_lightning.code_tests``).
+        solution_field: where a row's reference solution is (a column, or a path into one); null when the data has
+            none (OPSD and reference-based refining need them).
         starter_field: a column with code the solution must start from (a signature, a class skeleton); when
             the row has one, the student's problem text ends with it in a code block.
         prompt_template: the student's user message (a built-in name, a file, or text with ``{problem}``).
+        system_prompt: a system message put before each student prompt; null: none.
         max_prompt_tokens: a longer student prompt is an error at setup, naming the row.
         batch_size: prompts per process per optimizer step (a batch is one step: its rollouts are sampled in
             one engine call; ``model.max_tokens_per_micro_batch`` bounds what one forward pass holds).
         eval_batch_size: prompts per process per evaluation batch (default: ``batch_size``).
         shuffle: draw training problems in a random order (seeded); off, in file order (under DDP, process r
             takes problems r, r + world_size, ...).
+        num_workers: DataLoader worker processes; 0 loads in the main process.
         tokenizer: the student's tokenizer; the CLI passes the model's own.
     """
 

@@ -20,7 +20,17 @@ def collate_examples(items: list[dict], pad_id: int) -> ModelInputs:
 
 
 class SFTDataModule(PromptDataModule):
-    """``train_path`` holds rows with ``prompt_field`` (the user message) and ``response_field``."""
+    """``train_path`` holds rows with ``prompt_field`` (the user message) and ``response_field``.
+
+    The other arguments are ``PromptDataModule``'s. The training examples are always shuffled and use neither
+    ``prompt_template`` nor ``max_prompt_tokens``; those, and ``problem_field``, ``answer_field`` and
+    ``solution_field``, apply to ``val_path`` and ``test_path``, which hold problems, as for distillation.
+
+    Args:
+        prompt_field: the column of a training row holding the user message, as the model sees it.
+        response_field: the column of a training row holding the response the model learns.
+        max_tokens: the longest training example (prompt + response, in tokens); a longer one is an error at setup.
+    """
 
     def __init__(self, *args, prompt_field: str = "prompt", response_field: str = "response", max_tokens: int = 2048, **kwargs):
         super().__init__(*args, **kwargs)

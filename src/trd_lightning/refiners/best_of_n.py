@@ -10,9 +10,11 @@ from trd_lightning.rollout.base import Rollouts, Sampling
 
 
 class BestOfNRewrite(TeacherRewrite):
-    """``TeacherRewrite`` that samples ``n`` rewrites per rollout and keeps, among those it accepts, the one the
-    teacher itself scores highest under the refine prompt (mean log-probability per token). The verifier has no
-    part in the choice unless ``prefer_correct`` is set: then a candidate it marks right beats any it marks wrong.
+    """``TeacherRewrite`` with a choice: ``n`` rewrites per rollout, of which it keeps the one the teacher scores highest.
+
+    It keeps, among the rewrites it accepts, the one the teacher itself scores highest under the refine prompt
+    (mean log-probability per token). The verifier has no part in the choice unless ``prefer_correct`` is set:
+    then a candidate it marks right beats any it marks wrong.
 
     Logs, per refined rollout: ``refine/best_of_n_accepted`` (the share of its n candidates accepted),
     ``refine/best_of_n_score_spread`` (best minus worst accepted score, nats per token; rows with two or more
@@ -20,9 +22,16 @@ class BestOfNRewrite(TeacherRewrite):
     what ``TeacherRewrite`` would have kept).
 
     Args:
-        n: rewrites sampled per rollout (the refiner's ``sampling.n`` stays 1; this sets how many).
+        template: the refine prompt R, as in ``TeacherRewrite``; the candidates are scored under it too.
+        sampling: how the teacher samples each candidate, as in ``TeacherRewrite`` (``n`` must stay 1: ``n`` below
+            sets how many).
+        fallback_template: the teacher's context for scoring y_o where no candidate is accepted or none is made, as in
+            ``TeacherRewrite`` (null: the student's own prompt).
+        only_failed: refine only the rollouts the verifier marks wrong, as in ``TeacherRewrite``.
+        require_answer: reject a candidate with no answer the verifier can extract, as in ``TeacherRewrite``.
+        require_valid_steps: reject a candidate whose steps the verifier finds wrong, as in ``TeacherRewrite``.
+        n: rewrites sampled per rollout (>= 1; the refiner's ``sampling.n`` stays 1, this sets how many).
         prefer_correct: let the verifier's verdict on the answer rank candidates before the teacher's score.
-        (the rest as ``TeacherRewrite``)
     """
 
     def __init__(

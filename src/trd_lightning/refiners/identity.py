@@ -9,8 +9,15 @@ from trd_lightning.templates import PROBLEM, Template
 
 
 class Identity(Refiner):
-    """Train on y_o. The teacher scores it in the student's own context (OPD, ``teacher_template:
-    null``) or in a privileged one holding the reference solution (OPSD, e.g. ``math_privileged``)."""
+    """Train on y_o.
+
+    The teacher scores it in the student's own context (OPD, ``teacher_template: null``) or in a privileged one
+    holding the reference solution (OPSD, e.g. ``math_privileged``).
+
+    Args:
+        teacher_template: the teacher's user message when it scores y_o: a built-in name, a file, or text with a
+            ``{problem}`` slot (and ``{solution}`` for the reference solution); null: the student's own prompt.
+    """
 
     def __init__(self, teacher_template: str | None = None):
         self.teacher_template = self.optional_template(teacher_template, "refiner teacher_template")

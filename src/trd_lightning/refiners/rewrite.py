@@ -21,15 +21,25 @@ class TeacherRewrite(Refiner):
 
     A rewrite that is empty, cut off at ``sampling.max_new_tokens``, or (``require_answer``) has
     no answer the verifier can extract is rejected: that row falls back to y_o, scored in the
-    ``fallback_template`` context (the student's prompt when null; OPSD runs use the privileged one).
-    ``only_failed`` refines only the rollouts the verifier marks wrong (an ablation; the paper
-    refines every rollout). ``require_valid_steps`` (off by default: the paper keeps every rewrite) also
-    rejects a rewrite whose derivation the verifier finds wrong at some step, on tasks whose steps it can
-    check (an answer copied into a flawed derivation is then not trained on).
+    ``fallback_template`` context.
 
     A rewrite is three steps a subclass can change one at a time: ``propose`` (the teacher's candidates),
     ``accept`` (which may be trained on) and ``select`` (which one, with per-row metrics); ``BestOfNRewrite``
     changes the first and the last.
+
+    Args:
+        template: the refine prompt R, the teacher's user message: a built-in name, a file, or text with
+            ``{problem}`` and ``{attempt}`` slots (and ``{solution}`` for the reference solution, as for OPSD).
+        sampling: how the teacher samples y_r; ``n`` must be 1. Null: temperature 0.6, top_p 0.95, top_k 20,
+            max_new_tokens 2048.
+        fallback_template: the teacher's context for scoring y_o where a rewrite is rejected or not made (a template
+            with ``{problem}``); null: the student's own prompt. OPSD runs use the privileged one.
+        only_failed: refine only the rollouts the verifier marks wrong, and train on the others as they are (an
+            ablation; the paper refines every rollout).
+        require_answer: reject a rewrite with no answer the verifier can extract.
+        require_valid_steps: also reject a rewrite whose derivation the verifier finds wrong at some step, on tasks
+            whose steps it can check (an answer copied into a flawed derivation is then not trained on); off by
+            default: the paper keeps every rewrite.
     """
 
     rewrites = True

@@ -19,8 +19,15 @@ class StaleWeightsError(RuntimeError):
 
 
 class LogprobGuard:
-    """``max_mean_gap``: the mean absolute gap (nats per token) above which the step warns, or stops when
-    ``stop`` is set. ``every``: check every this many steps (each check is a student forward without grad)."""
+    """Compares the engine's log-probabilities of its sampled tokens with the trainer's rescoring of them.
+
+    Args:
+        max_mean_gap: the mean absolute gap (nats per token, > 0) above which the step warns, or stops with ``stop``.
+            A synced engine agrees to about 1e-6 in fp32 and 1e-2 in bf16.
+        stop: raise ``StaleWeightsError`` (stopping the run) instead of warning when the gap is over ``max_mean_gap``.
+        every: check on the steps whose global step is a multiple of this (> 0; each check is a student forward
+            without grad).
+    """
 
     def __init__(self, max_mean_gap: float = 0.05, stop: bool = False, every: int = 1):
         if not max_mean_gap > 0:

