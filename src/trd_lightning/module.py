@@ -15,10 +15,8 @@ Elsewhere: evaluation (``evaluation.py``), the step's metrics (``step_metrics.py
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -28,7 +26,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from trd_lightning.data.prompts import PromptBatch
-from trd_lightning.diagnostics import DEFAULT_PIVOTS, pivot_token_ids
+from trd_lightning.diagnostics import DEFAULT_PIVOTS, diagnose_rewrites, pivot_token_ids
 from trd_lightning.distributed import sum_over_ranks
 from trd_lightning.evaluation import DistillationEvaluation, check_answers
 from trd_lightning.losses import Divergence, DivergenceOutput
@@ -39,7 +37,6 @@ from trd_lightning.models import (
     Sharding,
     check_plain_head,
     export_hf,
-    is_sharded,
     last_hidden_at,
     load_model,
     load_tokenizer,
@@ -58,6 +55,7 @@ from trd_lightning.scores import TeacherScores
 from trd_lightning.scoring import Scorer
 from trd_lightning.step_log import StepLog
 from trd_lightning.step_metrics import StepRecord, StepResult
+from trd_lightning.strategy import gradient_sync
 from trd_lightning.teachers import Teacher
 from trd_lightning.teachers.local import TEACHER, exclude_reloadable_teacher
 from trd_lightning.verifiers import ExactMatch, Verifier
@@ -408,36 +406,18 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         record.totals.update({"loss": loss, "target_tokens": sum(lengths), "micro_batches": len(groups), "ranks": 1})
         return sum_over_ranks([loss], self.device)[0]
 
-    @contextmanager
     def gradient_sync(self, enabled: bool):
-        """DDP reduces gradients on the step's last backward only (``no_sync`` before it): one all-reduce per step.
-        FSDP2 reduce-scatters after every micro-batch, since skipping that would keep whole unsharded gradients
-        on every rank."""
-        block = getattr(self.trainer.strategy, "block_backward_sync", None)  # parallel strategies only
-        if enabled or block is None or is_sharded(self.student):
-            yield
-        else:
-            with block():
-                yield
+        """Around one micro-batch's backward: DDP all-reduces on the step's last only (``strategy.gradient_sync``)."""
+        return gradient_sync(self.trainer.strategy, self.student, enabled)
 
     def diagnose(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets, record: StepRecord) -> bool:
-        """For a rewriting refiner, every ``diagnostics_every`` steps: the teacher along y_o in its scoring context,
-        and each rewrite's likelihood in the refine prompt it was written in and in the student's plain prompt (a
-        rewrite likely only with the privileged context in view is suspect: an answer copied into a flawed
-        derivation reads that way). Extra teacher passes, on the same schedule on every rank. Returns whether it ran."""
+        """For a rewriting refiner, every ``diagnostics_every`` steps (``diagnostics.diagnose_rewrites``). Returns whether it ran."""
         if not (self.refiner.rewrites and self.diagnostics_every and self.global_step % self.diagnostics_every == 0):
             return False
         with record.timed("diagnostics"):
-            scorer = self.scorer
-            contexts = self.refiner.scoring_contexts(batch, rollouts.prompt_index, self.teacher_access)
-            for rows, logprobs, scores, lse in scorer.teacher_logprobs(contexts, rollouts.token_ids):
-                if rows:
-                    record.rows["diag_y_o_length"].extend(len(rollouts.token_ids[r]) for r in rows)
-                    record.add_tokens(diag_y_o_teacher_logprob=logprobs, diag_y_o_pivot_mass=scores.pivot_mass(self.pivot_ids, lse))
+            scoring = self.refiner.scoring_contexts(batch, rollouts.prompt_index, self.teacher_access)
             plain = [batch.prompt_ids[i] for i in rollouts.prompt_index]
-            for name, contexts in (("y_r_logprob_refine", targets.teacher_contexts), ("y_r_logprob_plain", plain)):
-                means = scorer.teacher_mean_logprobs(contexts, targets.token_ids)
-                record.rows[name] = [mean if refined else math.nan for mean, refined in zip(means, targets.refined)]
+            diagnose_rewrites(self.scorer, scoring, plain, rollouts, targets, self.pivot_ids, record)
         return True
 
     def update(self, loss: float | None, record: StepRecord) -> None:

@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
+from torch import nn
+
+from trd_lightning.models import is_sharded
+
+
+@contextmanager
+def gradient_sync(strategy: Strategy, model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Around one micro-batch's backward. DDP reduces gradients on the step's last backward only (``no_sync`` before
+    it): one all-reduce per step. FSDP2 reduce-scatters after every micro-batch, since skipping that would keep whole
+    unsharded gradients on every rank."""
+    block = getattr(strategy, "block_backward_sync", None)  # parallel strategies only
+    if enabled or block is None or is_sharded(model):
+        yield
+    else:
+        with block():
+            yield
 
 
 class FSDP2Strategy(ModelParallelStrategy):
