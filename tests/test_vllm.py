@@ -36,8 +36,13 @@ def setup():
     module.engine.teardown()
 
 
+def rescored(module, batch, rollouts) -> torch.Tensor:
+    """The trainer's log-probabilities of the engine's sampled tokens (the stale-weights guard's pass)."""
+    return module.scorer.student_logprobs([batch.prompt_ids[i] for i in rollouts.prompt_index], rollouts.token_ids)
+
+
 def gap(module, batch, rollouts) -> float:
-    trainer = module.rollout_logprobs(batch, rollouts).double()
+    trainer = rescored(module, batch, rollouts).double()
     engine = torch.tensor([v for row in rollouts.logprobs for v in row], dtype=torch.float64)
     return float((engine - trainer).abs().max())
 
@@ -59,7 +64,7 @@ def test_vllm_matches_hf_and_the_trainer_then_follows_a_sync(setup):
     stale = module.engine.generate(STUDENT, module.student, batch.prompt_ids, GREEDY)
     assert stale.token_ids == before.token_ids
     with pytest.raises(StaleWeightsError, match="stale weights"):
-        LogprobGuard(stop=True).check(stale.logprobs, module.rollout_logprobs(batch, stale), step=1)
+        LogprobGuard(stop=True).check(stale.logprobs, rescored(module, batch, stale), step=1)
 
     module.engine.sync_weights(STUDENT, module.student)
     after = module.engine.generate(STUDENT, module.student, batch.prompt_ids, GREEDY)
