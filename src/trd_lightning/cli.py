@@ -131,10 +131,11 @@ class TRDCLI(LightningCLI):
                 super().parse_arguments(parser, expand_extends(list(args)) if isinstance(args, (list, tuple)) else args)
         except ArgumentError as error:
             fail(concise(str(error)))
-        if self.config.get("subcommand"):
-            config = self.config[self.config["subcommand"]]
-            if config.get("extends"):
-                fail(f"extends {config.extends!r}: a base is read from a config file given with --config, before parsing; here it would do nothing")
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        if config.get("extends"):
+            fail(f"extends {config.extends!r}: a base is read from a config file given with --config, before parsing; here it would do nothing")
+        if subcommand:
             self.resolve_checkpoint(config)
 
     def resolve_checkpoint(self, config) -> None:
