@@ -307,11 +307,10 @@ def test_the_code_config_trains_and_tests_through_trd(tmp_path, monkeypatch):
     student_dir = save_tiny_model(tmp_path / "student", seed=1, max_position_embeddings=2048)
     teacher_dir = save_tiny_model(tmp_path / "teacher", seed=2, max_position_embeddings=2048)
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
-    config = yaml.safe_load(Path("configs/code/smollm2_trd.yaml").read_text())
-    config["model"]["init_args"]["student"] = {"path": student_dir}
-    config["model"]["init_args"]["teacher"]["init_args"]["model"] = {"path": teacher_dir}
-    (tmp_path / "code.yaml").write_text(yaml.safe_dump(config))
-    common = ["--config", str(tmp_path / "code.yaml"),
+    tiny = {"model": {"init_args": {"student": {"path": student_dir, "gguf_file": None},  # laid over the shipped config (and its bases)
+                                    "teacher": {"init_args": {"model": {"path": teacher_dir, "gguf_file": None}}}}}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+    common = ["--config", "configs/code/smollm2_trd.yaml", "--config", str(tmp_path / "tiny.yaml"),
               "--model.init_args.max_context_tokens=2048", "--data.init_args.max_prompt_tokens=1024",
               "--model.init_args.sampling.max_new_tokens=8", "--model.init_args.refiner.init_args.sampling.max_new_tokens=8",
               "--model.init_args.eval_sampling.max_new_tokens=8", f"--trainer.logger.init_args.save_dir={tmp_path}",

@@ -8,6 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import yaml
 from jsonargparse import ArgumentError
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -54,9 +55,49 @@ def plugins() -> str:
     return "; ".join(f"{kind}: {' | '.join(found(base))}" for kind, base in kinds.items())
 
 
+def bases(config: str, seen: tuple[Path, ...] = ()) -> list[str]:
+    """The files a config file ``extends``, the farthest first: ``extends: base.yaml`` names a file relative to the
+    one that says it, which may extend another in turn. Not a readable YAML file: none (jsonargparse reports it)."""
+    path = Path(config)
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []
+    base = content.get("extends") if isinstance(content, dict) else None
+    if base is None:
+        return []
+    if not isinstance(base, str):
+        fail(f"{config}: extends must be one path, relative to this file (got {base!r})")
+    chain = (*seen, path.resolve())
+    target = Path(os.path.normpath(path.parent / base))
+    if target.resolve() in chain:
+        fail("extends loops: " + " -> ".join(map(str, (*chain, target.resolve()))))
+    if not target.is_file():
+        fail(f"{config}: extends {base!r}, but {target} is not a file")
+    return [*bases(str(target), chain), str(target)]
+
+
+def expand_extends(args: list[str]) -> list[str]:
+    """``--config X`` where X ``extends`` B (which extends A) becomes ``--config A --config B --config X --extends=null``:
+    each file laid over the one before, exactly as if the files were given in that order, and ``extends`` left null so
+    that a printed or saved config is complete on its own."""
+    expanded, i = [], 0
+    while i < len(args):
+        flag, given, value = args[i].partition("=")
+        if flag in ("--config", "-c") and (given or i + 1 < len(args)):
+            if not given:
+                i, value = i + 1, args[i + 1]
+            chain = bases(value)
+            expanded += [*(a for base in chain for a in ("--config", base)), "--config", value, *(["--extends=null"] if chain else [])]
+        else:
+            expanded.append(args[i])
+        i += 1
+    return expanded
+
 
 class TRDCLI(LightningCLI):
-    """``trd fit --config configs/demo/opd.yaml``; ``trd fit --print_config`` prints a full config."""
+    """``trd fit --config configs/demo/opd.yaml``; ``trd fit --print_config`` prints a full config. A config file may
+    name a base with ``extends: base.yaml``: see ``expand_extends``."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("subclass_mode_model", True)
@@ -76,14 +117,26 @@ class TRDCLI(LightningCLI):
             "--validate_before_fit", type=bool, default=False,
             help="Run validation once before training, so the log shows accuracy before and after.",
         )
+        parser.add_argument(
+            "--extends", type=str | None, default=None,
+            help="In a config file: the file it is laid over, relative to it (chains allowed). `--config X` with `extends: base.yaml` "
+                 "reads base.yaml, then X on top; resolved before parsing, then null, so a printed config stands alone.",
+        )
 
     def parse_arguments(self, parser, args) -> None:
         try:
-            super().parse_arguments(parser, args)
+            if args is None:  # from the command line: as LightningCLI does, with each config's bases before it
+                self.config = parser.parse_args(expand_extends(sys.argv[1:]))
+            else:
+                super().parse_arguments(parser, expand_extends(list(args)) if isinstance(args, (list, tuple)) else args)
         except ArgumentError as error:
             fail(concise(str(error)))
-        if self.config.get("subcommand"):
-            self.resolve_checkpoint(self.config[self.config["subcommand"]])
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        if config.get("extends"):
+            fail(f"extends {config.extends!r}: a base is read from a config file given with --config, before parsing; here it would do nothing")
+        if subcommand:
+            self.resolve_checkpoint(config)
 
     def resolve_checkpoint(self, config) -> None:
         """``--ckpt_path last``: the newest ``last.ckpt`` of this config's logger, whose log folder the
