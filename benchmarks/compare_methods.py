@@ -131,8 +131,7 @@ def prefix_failures(opts) -> dict:
 
     from trd_lightning.cli import TRDCLI
     from trd_lightning.data.chain import first_error_step, parse_problem
-    from trd_lightning.rollout.base import Sampling
-    from trd_lightning.rollout.base import STUDENT
+    from trd_lightning.rollout.base import STUDENT, Sampling
 
     seed_everything(0)
     cli = TRDCLI(args=["--config", str(ROOT / "configs/demo/opd.yaml"), "--trainer.logger=false"], run=False)
