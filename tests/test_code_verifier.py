@@ -10,136 +10,11 @@ import zlib
 
 import pytest
 
+from tests.conftest import ROOT, SCHEMAS, SUM_STDIN, fenced, load_schema, save_tiny_model
 from trd_lightning.code_tests import BadTestsError, parse_tests, same_output
 from trd_lightning.data import PromptDataModule
 from trd_lightning.sandbox import Limits
 from trd_lightning.verifiers import AnswerParseError, CodeVerifier
-
-
-def fenced(code: str) -> str:
-    return f"Here is my approach.\n\n```python\n{code.strip()}\n```\n"
-
-
-def lcb_compressed(cases: list[dict]) -> str:
-    return base64.b64encode(zlib.compress(pickle.dumps(json.dumps(cases)))).decode()
-
-
-SUM_STDIN = "a, b = map(int, input().split())\nprint(a + b)"
-TIMEOUT = "while True:\n    pass"
-
-# Each problem: a row in its dataset's own schema, a correct solution, and wrong ones by kind.
-TACO_ROWS = [
-    {
-        "question": "Read two integers and print their sum.",
-        "solutions": json.dumps([SUM_STDIN]),
-        "input_output": json.dumps({"inputs": ["1 2\n", "10 -3\n", "0 0\n"], "outputs": ["3\n", "7\n", "0\n"]}),
-        "starter_code": "",
-        "correct": fenced(SUM_STDIN),
-        "wrong": {
-            "wrong output": fenced("a, b = map(int, input().split())\nprint(a - b)"),
-            "exception": fenced("a, b = map(int, input().split())\nprint(a / 0)"),
-            "timeout": fenced(TIMEOUT),
-            "no code block": "The answer is a + b, printed.",
-        },
-    },
-    {
-        "question": "Return the third of x, as a float.",
-        "solutions": json.dumps(["def third(x):\n    return x / 3"]),
-        "input_output": json.dumps({"fn_name": "third", "inputs": [[1], [3], [10]], "outputs": [[0.3333333333], [1.0], [3.3333333333]]}),
-        "starter_code": "def third(x):",
-        "correct": fenced("def third(x):\n    return x / 3"),
-        "wrong": {
-            "wrong output": fenced("def third(x):\n    return x // 3"),
-            "exception": fenced("def third(x):\n    raise ValueError(x)"),
-            "timeout": fenced("def third(x):\n    while True:\n        pass"),
-            "wrong signature": fenced("def third(x, y):\n    return x / y"),
-            "wrong name": fenced("def one_third(x):\n    return x / 3"),
-            "no code block": "def third(x): return x / 3",
-        },
-    },
-]
-
-LCB_PUBLIC = [{"input": "3\n1 2 3\n", "output": "6\n", "testtype": "stdin"}]
-LCB_PRIVATE = [{"input": "2\n5 5\n", "output": "10\n", "testtype": "stdin"}, {"input": "1\n-4\n", "output": "-4\n", "testtype": "stdin"}]
-LCB_ROWS = [
-    {
-        "question_content": "Read n, then n integers; print their sum.",
-        "starter_code": "",
-        "public_test_cases": json.dumps(LCB_PUBLIC),
-        "private_test_cases": lcb_compressed(LCB_PRIVATE),
-        "metadata": "{}",
-        "correct": fenced("input()\nprint(sum(map(int, input().split())))"),
-        "wrong": {
-            "wrong output": fenced("input()\nprint(max(map(int, input().split())))"),
-            "exception": fenced("n = int(input())\nprint([][n])"),
-            "timeout": fenced("import time\ntime.sleep(60)"),
-            "no code block": "print(sum(...))",
-        },
-    },
-    {
-        "question_content": "Given nums, return the largest sum of two distinct elements.",
-        "starter_code": "class Solution:\n    def maxPair(self, nums: List[int]) -> int:\n        ",
-        "public_test_cases": json.dumps([{"input": "[1, 5, 3]", "output": "8", "testtype": "functional"}]),
-        "private_test_cases": json.dumps([{"input": "[2, 2]", "output": "4", "testtype": "functional"}]),
-        "metadata": json.dumps({"func_name": "maxPair"}),
-        "correct": fenced("from typing import List\nclass Solution:\n    def maxPair(self, nums: List[int]) -> int:\n"
-                          "        a, b = sorted(nums)[-2:]\n        return a + b"),
-        "wrong": {
-            "wrong output": fenced("class Solution:\n    def maxPair(self, nums):\n        return max(nums)"),
-            "exception": fenced("class Solution:\n    def maxPair(self, nums):\n        return nums[10]"),
-            "timeout": fenced("class Solution:\n    def maxPair(self, nums):\n        while True:\n            pass"),
-            "wrong signature": fenced("class Solution:\n    def maxPair(self, nums, k):\n        return sum(nums)"),
-            "no code block": "Sort and add the last two.",
-        },
-    },
-]
-
-HUMANEVAL_TEST = ("def check(candidate):\n    assert candidate([1, 2, 3]) == 6\n    assert candidate([]) == 0\n"
-                  "    assert abs(candidate([0.5]) - 0.5) < 1e-9\n")
-MBPP_TEST = "inputs = [['abc'], ['']]\nresults = ['cba', '']\nfor inp, exp in zip(inputs, results):\n    assert reverse_string(*inp) == exp\n"
-EVALPLUS_ROWS = [
-    {
-        "task_id": "HumanEval/x",
-        "prompt": 'from typing import List\n\n\ndef total(xs: List[float]) -> float:\n    """The sum of xs."""\n',
-        "canonical_solution": "    return sum(xs)\n",
-        "entry_point": "total",
-        "test": HUMANEVAL_TEST,
-        # Uses `List` without importing it: the prompt's imports come with the prelude.
-        "correct": fenced("def total(xs: List[float]) -> float:\n    return sum(xs)"),
-        "wrong": {
-            "wrong output": fenced("def total(xs):\n    return len(xs)"),
-            "exception": fenced("def total(xs):\n    return xs[0]"),
-            "timeout": fenced("def total(xs):\n    while True:\n        pass"),
-            "wrong signature": fenced("def total(xs, start):\n    return sum(xs, start)"),
-            "no code block": "return sum(xs)",
-        },
-    },
-    {
-        "task_id": "Mbpp/x",
-        "prompt": '"""Write a function to reverse a string."""\n',
-        "canonical_solution": "def reverse_string(s):\n    return s[::-1]\n",
-        "entry_point": "reverse_string",
-        "test": MBPP_TEST,
-        "correct": fenced("def reverse_string(s):\n    return ''.join(reversed(s))"),
-        "wrong": {
-            "wrong output": fenced("def reverse_string(s):\n    return s"),
-            "exception": fenced("def reverse_string(s):\n    return s[0]"),
-            "timeout": fenced(TIMEOUT),
-            "wrong name": fenced("def reverse(s):\n    return s[::-1]"),
-            "no code block": "s[::-1]",
-        },
-    },
-]
-
-SCHEMAS = {
-    "taco": (TACO_ROWS, dict(problem_field="question", answer_field={"tests": "input_output"}, solution_field="solutions[0]",
-                             starter_field="starter_code", prompt_template="code_student")),
-    "livecodebench": (LCB_ROWS, dict(problem_field="question_content", solution_field=None, starter_field="starter_code",
-                                     answer_field={"tests": ["public_test_cases", "private_test_cases"], "fn_name": "metadata"},
-                                     prompt_template="code_student")),
-    "evalplus": (EVALPLUS_ROWS, dict(problem_field="prompt", solution_field="canonical_solution", prompt_template="code_function_student",
-                                     answer_field={"test": "test", "entry_point": "entry_point", "prelude": "prompt"})),
-}
 
 
 @pytest.fixture(scope="module")
@@ -147,17 +22,9 @@ def verifier():
     return CodeVerifier(limits=Limits(cpu_seconds=2, wall_seconds=2.0, memory_mb=512), workers=2)
 
 
-def load(schema, tmp_path, tokenizer):
-    rows, fields = SCHEMAS[schema]
-    path = tmp_path / f"{schema}.jsonl"
-    path.write_text("".join(json.dumps({k: v for k, v in row.items() if k not in ("correct", "wrong")}) + "\n" for row in rows))
-    data = PromptDataModule(test_path={schema: str(path)}, tokenizer=tokenizer, max_prompt_tokens=1024, **fields)
-    return rows, list(data.prepare("test", schema)), tokenizer
-
-
 @pytest.mark.parametrize("schema", list(SCHEMAS))
 def test_every_verdict_is_right(schema, verifier, tmp_path, tokenizer):
-    rows, items, _ = load(schema, tmp_path, tokenizer)
+    rows, items, _ = load_schema(schema, tmp_path, tokenizer)
     responses, answers, expected, labels = [], [], [], []
     for row, item in zip(rows, items):
         verifier.check_answer(item["answer"])
@@ -215,7 +82,7 @@ def test_compressed_cases_never_unpickle_objects():
 
 @pytest.mark.parametrize("schema", list(SCHEMAS))
 def test_the_student_prompt_shows_the_starter_code(schema, tmp_path, tokenizer):
-    rows, items, tokenizer = load(schema, tmp_path, tokenizer)
+    rows, items, tokenizer = load_schema(schema, tmp_path, tokenizer)
     for row, item in zip(rows, items):
         prompt = tokenizer.decode(item["prompt_ids"])
         starter = (row.get("starter_code") or "").strip()
@@ -264,13 +131,11 @@ def test_code_configs_parse(config):
     """Every code config parses, uses the code templates and CodeVerifier, and names its test sets."""
     import subprocess
     import sys
-    from pathlib import Path
 
     import yaml
 
-    root = Path(__file__).resolve().parents[1]
     printed = subprocess.run([sys.executable, "-m", "trd_lightning.cli", "fit", "--config", f"configs/code/{config}.yaml", "--print_config"],
-                             capture_output=True, text=True, check=True, cwd=root).stdout
+                             capture_output=True, text=True, check=True, cwd=ROOT).stdout
     parsed = yaml.safe_load(printed)
     assert parsed["model"]["init_args"]["verifier"]["class_path"] == "trd_lightning.verifiers.CodeVerifier"
     assert "math" not in printed.replace("math_verify", "")
@@ -296,17 +161,15 @@ def test_the_code_config_trains_and_tests_through_trd(tmp_path, monkeypatch):
     """configs/code/smollm2_trd.yaml with tiny random models in place of SmolLM2: a TRD step through `trd fit`
     and `trd test` results per code dataset. The tiny models write no program, so nothing runs in the sandbox
     here; tests/test_code_real_model.py has SmolLM2 write real code."""
-    from pathlib import Path
 
     import yaml
 
-    from tests.conftest import save_tiny_model
     from trd_lightning.cli import main
 
     # Byte-level tiny models: code prompts take many tokens, so a longer context than the shared fixtures'.
     student_dir = save_tiny_model(tmp_path / "student", seed=1, max_position_embeddings=2048)
     teacher_dir = save_tiny_model(tmp_path / "teacher", seed=2, max_position_embeddings=2048)
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(ROOT)
     tiny = {"model": {"init_args": {"student": {"path": student_dir, "gguf_file": None},  # laid over the shipped config (and its bases)
                                     "teacher": {"init_args": {"model": {"path": teacher_dir, "gguf_file": None}}}}}}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny))

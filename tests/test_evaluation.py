@@ -7,18 +7,16 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.conftest import ROOT
 from trd_lightning.data.chain import sample_problems
 from trd_lightning.diagnostics import PositionProfile, first_disagreement, pivot_token_ids, trajectory_stats
 from trd_lightning.metrics import SampledAccuracy, pass_at_k
 from trd_lightning.scores import pivot_mass, token_stats
 from trd_lightning.verifiers import AnswerParseError, ExactMatch, MathVerifier
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def closed_form(n, c, k):

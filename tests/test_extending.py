@@ -7,14 +7,13 @@ import re
 import pytest
 import torch
 
+from tests.conftest import ROOT
 from trd_lightning.data import PromptDataModule
 from trd_lightning.models import ModelSpec
 from trd_lightning.module import DistillationModule
 from trd_lightning.rollout import HFEngine, Sampling
 from trd_lightning.rollout.base import STUDENT
 from trd_lightning.teachers import SeparateTeacher
-
-from .test_cli import ROOT
 
 
 @pytest.fixture(scope="module")

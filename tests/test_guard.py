@@ -11,13 +11,11 @@ import copy
 import pytest
 import torch
 
+from tests.conftest import ROOT, lora_model, make_data, make_module, scalars, tiny_overrides
 from trd_lightning.cli import main
-from trd_lightning.models import LoRA, ModelSpec, hf_state_dict, load_model
+from trd_lightning.models import ModelSpec, hf_state_dict, load_model
 from trd_lightning.rollout import HFEngine, LogprobGuard, StaleWeightsError
 from trd_lightning.teachers import SelfTeacher
-
-from .test_cli import ROOT, scalars, tiny_overrides
-from .test_module import make_data, make_module
 
 
 class StaleEngine(HFEngine):
@@ -39,15 +37,6 @@ class StaleEngine(HFEngine):
 
     def generate(self, role, model, prompts, sampling):
         return super().generate(role, self.copies[role], prompts, sampling)
-
-
-def lora_model(student_dir):
-    model = load_model(ModelSpec(path=student_dir, lora=LoRA(r=4, alpha=8, dropout=0.0, target_modules="all-linear")))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.1)  # peft starts B at zero; make the adapter matter
-    return model
 
 
 def test_lora_weights_are_merged_for_the_engine_and_the_model_is_untouched(student_dir):

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from lightning.pytorch import Trainer
 
+from tests.conftest import DEMO_TEACHER, ROOT, demo_module, first_batch, fit_args, make_data, scalars, tiny_overrides
 from trd_lightning.cli import main
 from trd_lightning.models import LoRA, ModelSpec
 from trd_lightning.module import DistillationModule
 from trd_lightning.refiners import Identity, TeacherRewrite
 from trd_lightning.rollout import Sampling
 from trd_lightning.teachers import SelfTeacher, SeparateTeacher
-
-from .test_cli import scalars, tiny_overrides
-from .test_module import first_batch, make_data
-
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_TEACHER, DEMO_STUDENT = "demo:teacher", "demo:student"
 
 
 @pytest.mark.parametrize("method", ["opd", "opsd", "trd", "trd_opsd"])
@@ -83,13 +76,6 @@ def test_command_line_switches_opd_to_trd(tmp_path):
           "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1"])
     logged = scalars(tmp_path / "demo_opd" / "version_0")
     assert logged["refine/refined_fraction"][0][1] > 0
-
-
-def demo_module(teacher, refiner, **kwargs) -> DistillationModule:
-    module = DistillationModule(student=ModelSpec(path=DEMO_STUDENT), teacher=teacher, refiner=refiner,
-                                sampling=Sampling(max_new_tokens=48, n=2), log_samples_every=0, max_context_tokens=256, **kwargs)
-    module.configure_model()
-    return module
 
 
 @pytest.mark.parametrize("reference", [False, True], ids=["trd", "trd_opsd"])
@@ -184,9 +170,6 @@ def test_refiner_sampling_must_be_one_per_rollout():
 
 def test_require_valid_steps_trains_only_on_step_valid_rewrites(tmp_path):
     """Opt-in: a rewrite whose derivation the verifier finds wrong at a step falls back to y_o, counted."""
-    from .test_cli import scalars
-    from .test_reliability import fit_args
-
     main(fit_args("trd_opsd", tmp_path, "strict", 3, "--model.init_args.refiner.init_args.require_valid_steps=true"))
     logged = scalars(tmp_path / "strict/version_0")
     assert logged["refine/steps_valid_y_r"], "no rewrite was accepted: nothing was checked"

@@ -6,35 +6,11 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from trd_lightning.data import PromptDataModule
+from tests.conftest import first_batch, make_data, make_module, save_tiny_model
 from trd_lightning.models import ModelSpec
 from trd_lightning.module import DistillationModule
 from trd_lightning.rollout import Sampling
 from trd_lightning.teachers import SeparateTeacher
-
-from .conftest import save_tiny_model
-
-
-def make_module(student_dir, teacher_dir, **kwargs) -> DistillationModule:
-    kwargs.setdefault("sampling", Sampling(temperature=1.0, max_new_tokens=8, n=2))
-    module = DistillationModule(
-        student=ModelSpec(path=student_dir), teacher=SeparateTeacher(ModelSpec(path=teacher_dir)), log_samples_every=0, **kwargs
-    )
-    module.configure_model()
-    return module
-
-
-def make_data(tokenizer, chain_data, batch_size=4) -> PromptDataModule:
-    return PromptDataModule(
-        train_path=str(chain_data / "train.jsonl"), val_path=str(chain_data / "val.jsonl"), test_path=str(chain_data / "test.jsonl"),
-        prompt_template="demo_student", batch_size=batch_size, tokenizer=tokenizer,
-    )
-
-
-def first_batch(tokenizer, chain_data):
-    data = make_data(tokenizer, chain_data)
-    data.setup("fit")
-    return next(iter(data.train_dataloader()))
 
 
 def reference_reverse_kl(student, teacher, student_contexts, teacher_contexts, targets):

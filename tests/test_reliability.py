@@ -11,13 +11,9 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
+from tests.conftest import ROOT, fit_args, scalars
 from trd_lightning.cli import main
 from trd_lightning.reliability import CheckpointError, SafeCheckpointIO
-
-from .test_cli import scalars
-
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "configs" / "demo"
 
 
 class InterruptAt(Callback):
@@ -67,13 +63,6 @@ class NaNLoss:
         out = self.inner.against(*args, **kwargs)
         out.loss = out.loss * float("nan")
         return out
-
-
-def fit_args(config: str, tmp_path: Path, name: str, steps: int, *extra: str) -> list[str]:
-    return ["fit", "--config", str(DEMO / f"{config}.yaml"), f"--trainer.max_steps={steps}",
-            f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.logger.init_args.name={name}",
-            "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1", "--validate_before_fit=false",
-            "--data.init_args.batch_size=4", "--trainer.callbacks.init_args.every_n_train_steps=100", *extra]
 
 
 @pytest.mark.parametrize("config, signum", [("trd", signal.SIGTERM), ("trd_opsd", signal.SIGINT)], ids=["trd-sigterm", "trd_opsd-sigint"])
@@ -215,22 +204,6 @@ BAD_INPUTS = [
     ("refine template without {attempt}", ["--model.init_args.refiner=trd_lightning.refiners.TeacherRewrite",
                                             "--model.init_args.refiner.template={problem} fix it"], "lacks the placeholder \\{attempt\\}"),
 ]
-
-
-@pytest.fixture()
-def bad_files(tmp_path, tokenizer):
-    import copy
-
-    (tmp_path / "bad.yaml").write_text("model:\n  init_args: [unclosed\n")
-    (tmp_path / "bad.jsonl").write_bytes(b'{"problem": "1+1", "answer": "2", "solution": "1+1=2;a:2"}\n{"problem": "\xff"}\n')
-    (tmp_path / "nofield.jsonl").write_text('{"question": "1+1", "answer": "2"}\n')
-    bare = copy.deepcopy(tokenizer)
-    bare.chat_template = None
-    bare.save_pretrained(tmp_path / "bare")
-    for leftover in (tmp_path / "bare").glob("chat_template.*"):
-        leftover.unlink()
-    return {"bad_yaml": str(tmp_path / "bad.yaml"), "bad_utf8": str(tmp_path / "bad.jsonl"),
-            "no_field": str(tmp_path / "nofield.jsonl"), "bare_tokenizer": str(tmp_path / "bare")}
 
 
 @pytest.mark.parametrize("case, extra, match", BAD_INPUTS, ids=[c for c, _, _ in BAD_INPUTS])

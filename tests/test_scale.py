@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, scalars
 
 
 class ShardReport(Callback):
@@ -57,8 +57,6 @@ def exported(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def test_ddp_trains_two_steps(tmp_path):
-    from .test_cli import scalars
-
     fit_two_processes("ddp", tmp_path, "ddp")
     run = tmp_path / "ddp/version_0"
     assert [s for s, _ in scalars(run)["train/loss"]] == [0, 1]
@@ -68,8 +66,6 @@ def test_ddp_trains_two_steps(tmp_path):
 
 def test_fsdp2_shards_checkpoints_resumes_and_exports(tmp_path):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    from .test_cli import scalars
 
     fit_two_processes("fsdp", tmp_path, "fsdp", "--trainer.callbacks+=tests.test_scale.ShardReport",
                       f"--trainer.callbacks.directory={tmp_path / 'shards'}")

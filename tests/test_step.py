@@ -6,24 +6,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Callback
 
+from tests.conftest import DEMO, ROOT, SMOLLM2, TINY, fit_args, scalars, tiny_overrides
 from trd_lightning.cli import main
 from trd_lightning.micro_batches import balanced_groups, first_fit_count, plan_in_lockstep, plan_micro_batches, sorted_runs
 from trd_lightning.models import ModelSpec, last_hidden_at, load_model, output_head, packs_correctly
 from trd_lightning.refiners import Refiner, Targets
 from trd_lightning.views import build_views, pack
-
-from .conftest import TINY
-from .test_cli import scalars, tiny_overrides
-
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "configs" / "demo"
 
 
 # -- the plan ---------------------------------------------------------------------------------------------
@@ -102,8 +96,6 @@ def test_packed_forward_equals_each_sequence_alone_demo_qwen3():
 
 @pytest.mark.slow
 def test_packed_forward_equals_each_sequence_alone_smollm2_llama():
-    from .test_real_model import SMOLLM2
-
     model = load_model(SMOLLM2)
     # 30 layers of fp32 rounding on logits up to ~36: 8.5e-5 apart at most (2.4e-6 of their range), probabilities 3e-6.
     check_packing(model, model.config.vocab_size, logit_atol=1e-4)
@@ -220,8 +212,6 @@ def test_global_token_mean_over_ddp_ranks_equals_one_process(student_dir, teache
 
 # -- logs ------------------------------------------------------------------------------------------------------
 def test_a_metric_is_logged_only_at_the_steps_that_measured_it(tmp_path):
-    from .test_reliability import fit_args
-
     main(fit_args("trd", tmp_path, "run", 4, "--model.init_args.diagnostics_every=3",  # the demo's own models and data
                   "--model.init_args.packing=always"))
     logged = scalars(tmp_path / "run" / "version_0")
@@ -257,8 +247,6 @@ def chain_steps_right(problem: str, response: str) -> bool:
 def test_step_level_metrics_agree_with_a_recount_of_the_logged_samples(tmp_path):
     """TRD on OPSD, every row of every step in the samples file: the logged step validity, answer-patched share and
     coherence means are exactly what a recount of those rows gives."""
-    from .test_reliability import fit_args
-
     main(fit_args("trd_opsd", tmp_path, "run", 3, "--model.init_args.diagnostics_every=1", "--model.init_args.log_samples_every=1"))
     run = tmp_path / "run" / "version_0"
     logged = {tag: dict(values) for tag, values in scalars(run).items()}
@@ -281,8 +269,6 @@ def test_step_level_metrics_agree_with_a_recount_of_the_logged_samples(tmp_path)
 
 def test_scheduled_measurements_are_written_even_between_logging_steps(tmp_path):
     """Logging every 2 steps, the diagnostics pass every 3: each step on either schedule is written, with what it measured."""
-    from .test_reliability import fit_args
-
     main(fit_args("trd", tmp_path, "run", 5, "--model.init_args.diagnostics_every=3", "--trainer.log_every_n_steps=2"))
     logged = scalars(tmp_path / "run" / "version_0")
     assert [step for step, _ in logged["diag/teacher_ppl_y_o"]] == [0, 3]

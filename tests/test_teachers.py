@@ -4,20 +4,17 @@ The rest of ``VLLMServerTeacher`` runs against a real vLLM server in ``test_vllm
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 import time
 
 import pytest
 
+from tests.conftest import ROOT, Holding, scalars
 from trd_lightning.cli import main
 from trd_lightning.teachers import VLLMServerTeacher
 from trd_lightning.teachers.client import ServerUnavailableError
 from trd_lightning.teachers.serve import free_port
 from trd_lightning.views import pack
-
-from .test_cli import ROOT, scalars
 
 
 def fit_args(config: str, save_dir, url: str | None = None, *extra: str) -> list[str]:
@@ -45,35 +42,6 @@ def test_a_server_down_at_start_up_stops_before_any_compute(tmp_path):
     assert not any(scalars(run) for run in tmp_path.glob("*/version_*"))  # no step ran: nothing measured
 
 
-
-
-class Holding(http.server.ThreadingHTTPServer):
-    """A server that accepts every request and never answers it (until ``release``)."""
-
-    def __init__(self):
-        self.seen, self.released = 0, threading.Event()
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                outer.seen += 1
-                outer.released.wait()
-
-            def log_message(self, *args):
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.daemon_threads = True
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def close(self) -> None:
-        self.released.set()
-        self.shutdown()
-        self.server_close()
 
 
 def test_a_request_nobody_answers_times_out_is_retried_then_fails_naming_what_happened():

@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
+from tests.conftest import ROOT, scalars  # noqa: E402
 from trd_lightning.cli import main  # noqa: E402
 from trd_lightning.data import PromptDataModule  # noqa: E402
 from trd_lightning.models import ModelSpec  # noqa: E402
@@ -16,8 +17,6 @@ from trd_lightning.module import DistillationModule  # noqa: E402
 from trd_lightning.rollout import HFEngine, LogprobGuard, Sampling, StaleWeightsError, VLLMEngine  # noqa: E402
 from trd_lightning.rollout.base import STUDENT  # noqa: E402
 from trd_lightning.teachers import SeparateTeacher  # noqa: E402
-
-from .test_cli import ROOT, scalars  # noqa: E402
 
 GREEDY = Sampling(greedy=True, max_new_tokens=24)
 

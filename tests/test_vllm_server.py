@@ -19,6 +19,8 @@ import torch
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
+from tests.conftest import Holding, scalars  # noqa: E402
+from tests.test_teachers import fit_args  # noqa: E402
 from trd_lightning.cli import main  # noqa: E402
 from trd_lightning.data import PromptDataModule  # noqa: E402
 from trd_lightning.losses import Divergence  # noqa: E402
@@ -29,9 +31,6 @@ from trd_lightning.teachers import SeparateTeacher, VLLMServerTeacher  # noqa: E
 from trd_lightning.teachers.client import ServerUnavailableError  # noqa: E402
 from trd_lightning.teachers.serve import CPU_ARGS, VLLMServerProcess  # noqa: E402
 from trd_lightning.views import build_views, pack  # noqa: E402
-
-from .test_cli import scalars  # noqa: E402
-from .test_teachers import Holding, fit_args  # noqa: E402
 
 NAME = "demo-teacher"
 TOP_K = 32
