@@ -67,7 +67,7 @@ def test_ddp_trains_two_steps(tmp_path):
 def test_fsdp2_shards_checkpoints_resumes_and_exports(tmp_path):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    fit_two_processes("fsdp", tmp_path, "fsdp", "--trainer.callbacks+=tests.test_scale.ShardReport",
+    fit_two_processes("fsdp", tmp_path, "fsdp", "--trainer.callbacks+=tests.test_strategy.ShardReport",
                       f"--trainer.callbacks.directory={tmp_path / 'shards'}")
     run = tmp_path / "fsdp/version_0"
     assert [s for s, _ in scalars(run)["train/loss"]] == [0, 1]
