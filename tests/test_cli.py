@@ -1,4 +1,5 @@
-"""The `trd` command end to end on tiny models: fit, logs, checkpoints, resume, config round-trips."""
+"""The `trd` command end to end on tiny models: fit, logs, checkpoints, resume, config round-trips, the plug-ins it lists,
+and bad input refused before any compute with a message that names the fix."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import DEMO, ROOT, scalars, tiny_overrides
-from trd_lightning.cli import main
+from tests.conftest import DEMO, ROOT, fit_args, scalars, tiny_overrides
+from trd_lightning.cli import main, plugins
+from trd_lightning.module import DistillationModule
 
 
 def test_fit_logs_checkpoints_exports_and_resumes_at_the_right_step(student_dir, teacher_dir, chain_data, tmp_path):
@@ -72,3 +74,72 @@ def test_bad_input_fails_with_a_message_naming_the_fix(extra, match, student_dir
     with pytest.raises((SystemExit, FileNotFoundError, ValueError)) as error:
         main(args)
     assert match in str(error.value) + capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", ["opd", "opsd", "trd", "trd_opsd", "smollm2_trd"])
+def test_code_configs_parse(config):
+    """Every code config parses, uses the code templates and CodeVerifier, and names its test sets."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    printed = subprocess.run([sys.executable, "-m", "trd_lightning.cli", "fit", "--config", f"configs/code/{config}.yaml", "--print_config"],
+                             capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    parsed = yaml.safe_load(printed)
+    assert parsed["model"]["init_args"]["verifier"]["class_path"] == "trd_lightning.verifiers.CodeVerifier"
+    assert "math" not in printed.replace("math_verify", "")
+    tests = parsed["data"]["init_args"]["test_path"]
+    assert {"humaneval_plus", "mbpp_plus"} <= set(tests) and any(name.startswith("livecodebench") for name in tests)
+
+
+def test_plugins_are_discovered_from_their_base_classes():
+    found = plugins()
+    for name in ("trd_lightning.refiners.best_of_n.BestOfNRewrite", "trd_lightning.refiners.rewrite.TeacherRewrite",
+                 "trd_lightning.teachers.vllm_server.VLLMServerTeacher", "trd_lightning.verifiers.ChainVerifier",
+                 "trd_lightning.rollout.hf.HFEngine", "trd_lightning.module.DistillationModule"):
+        assert name in found
+    assert "refiners.base.Refiner" not in found and "teachers.base.Teacher" not in found  # abstract bases are not plug-ins
+
+
+BAD_INPUTS = [
+    ("malformed YAML", ["--config", "{bad_yaml}"], "Problems parsing config"),
+    ("unknown class_path", ["--model.init_args.refiner=trd_lightning.refiners.Nope"],
+     "model.refiner: .*has no attribute 'Nope'.*unknown class_path 'trd_lightning.refiners.Nope'; the plug-ins are"),
+    ("batch size zero", ["--data.init_args.batch_size=0"], "data batch_size must be > 0"),
+    ("temperature zero", ["--model.init_args.sampling.temperature=0"], "sampling temperature must be > 0 .*greedy: true"),
+    ("top_k over the vocabulary", ["--model.init_args.sampling.top_k=300"], "top_k=300 is larger than the vocabulary \\(259 tokens\\)"),
+    ("max_new_tokens zero", ["--model.init_args.sampling.max_new_tokens=0"], "max_new_tokens must be > 0"),
+    ("invalid UTF-8", ["--data.init_args.train_path={bad_utf8}"], "bad.jsonl:2: the line is not valid UTF-8"),
+    ("missing field", ["--data.init_args.train_path={no_field}"], "nofield.jsonl:1: missing the field 'problem'"),
+    ("no chat template", ["--model.init_args.student.tokenizer={bare_tokenizer}"], "has no chat template; set `chat_template`"),
+    ("refine template without {attempt}", ["--model.init_args.refiner=trd_lightning.refiners.TeacherRewrite",
+                                            "--model.init_args.refiner.template={problem} fix it"], "lacks the placeholder \\{attempt\\}"),
+]
+
+
+@pytest.mark.parametrize("case, extra, match", BAD_INPUTS, ids=[c for c, _, _ in BAD_INPUTS])
+def test_bad_input_is_refused_before_compute(case, extra, match, bad_files, tmp_path, monkeypatch, capsys):
+
+    started = []
+    monkeypatch.setattr(DistillationModule, "configure_model", lambda self: started.append(True))
+    extra = [arg.format(**bad_files) if "{" in arg and "}" in arg and "{problem}" not in arg else arg for arg in extra]
+    args = fit_args("opd", tmp_path, "bad", 1, *extra)
+    with pytest.raises(SystemExit) as error:
+        main(args)
+    import re
+
+    message = str(error.value) + capsys.readouterr().err
+    assert re.search(match, message, re.S), message
+    assert "Given value" not in message and "AddedToken" not in message  # the fix, not a dump of every argument
+    assert not started  # refused before any model was loaded
+
+
+def test_bad_training_data_is_refused_before_validate_before_fit_computes(bad_files, tmp_path, monkeypatch):
+
+    started = []
+    monkeypatch.setattr(DistillationModule, "configure_model", lambda self: started.append(True))
+    args = fit_args("opd", tmp_path, "bad", 1, f"--data.init_args.train_path={bad_files['bad_utf8']}")
+    with pytest.raises(SystemExit, match="bad.jsonl:2: the line is not valid UTF-8"):
+        main([*args, "--validate_before_fit=true"])
+    assert not started

@@ -1,91 +1,24 @@
-"""Evaluation and diagnostics: Pass@k and Avg@n, math verification, prefix-failure diagnostics with
-known values, and exact metrics under 2-process DDP."""
+"""Evaluation: unparsable reference answers refused before compute, metrics under 2-process DDP equal to one process's,
+and `trd test` on the code config reporting each dataset (tiny stand-ins, and SmolLM2 writing real code in the sandbox)."""
 
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 
 import pytest
-import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, needs_smollm2, save_tiny_model
+from trd_lightning.cli import main
+from trd_lightning.data import PromptDataModule
 from trd_lightning.data.chain import sample_problems
-from trd_lightning.diagnostics import PositionProfile, first_disagreement, pivot_token_ids, trajectory_stats
-from trd_lightning.metrics import SampledAccuracy, pass_at_k
-from trd_lightning.scores import pivot_mass, token_stats
-from trd_lightning.verifiers import AnswerParseError, ExactMatch, MathVerifier
-
-
-def closed_form(n, c, k):
-    return 1 - math.comb(n - c, k) / math.comb(n, k)
-
-
-@pytest.mark.parametrize("n, c, k", [(16, 0, 1), (16, 0, 16), (16, 16, 1), (16, 16, 16), (16, 3, 1), (16, 3, 4),
-                                     (16, 3, 16), (16, 15, 2), (5, 2, 5), (1, 1, 1), (1, 0, 1), (100, 1, 10)])
-def test_pass_at_k_is_the_unbiased_estimator(n, c, k):
-    assert pass_at_k(n, c, k) == pytest.approx(closed_form(n, c, k), abs=1e-12)
-
-
-def test_pass_at_k_edges():
-    assert pass_at_k(16, 0, 16) == 0.0 and pass_at_k(16, 16, 1) == 1.0 and pass_at_k(16, 1, 16) == 1.0
-    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
-    with pytest.raises(ValueError):
-        pass_at_k(4, 5, 1)
-    with pytest.raises(ValueError):
-        pass_at_k(4, 1, 5)
-
-
-def test_avg_and_pass_over_problems():
-    metric = SampledAccuracy(n=4, ks=[1, 2, 4])
-    metric.update([0, 4])
-    metric.update([1])
-    out = metric.compute()
-    assert float(out["avg@4"]) == pytest.approx((0 + 1 + 0.25) / 3)
-    assert float(out["pass@1"]) == pytest.approx((0 + 1 + 0.25) / 3)
-    assert float(out["pass@2"]) == pytest.approx((0 + 1 + closed_form(4, 1, 2)) / 3)
-    assert float(out["pass@4"]) == pytest.approx(2 / 3)
-    with pytest.raises(ValueError, match="correct count"):
-        metric.update([5])
-    with pytest.raises(ValueError, match="1 <= k <= n"):
-        SampledAccuracy(n=4, ks=[8])
-
-
-MATH_CASES = [
-    ("so the answer is \\boxed{\\frac{1}{2}}", "0.5", True),
-    ("\\boxed{0.5}", "\\frac12", True),
-    ("\\boxed{\\dfrac{3}{4}}", "3/4", True),
-    ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}", True),
-    ("\\boxed{x+1}", "1+x", True),
-    ("\\boxed{(1,2)}", "(1, 2)", True),
-    ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt3}{2}", True),
-    ("\\boxed{2^{10}}", "1024", True),
-    ("\\boxed{-\\frac{1}{3}}", "-1/3", True),
-    ("\\boxed{\\infty}", "\\infty", True),
-    ("first \\boxed{3}, then on reflection \\boxed{4}", "4", True),  # the last box counts
-    ("\\boxed{5}", "6", False),
-    ("the answer is 5", "5", False),  # no box, no answer
-    ("\\boxed{\\frac{2}{3}}", "0.67", False),
-]
-
-
-@pytest.mark.parametrize("response, answer, expected", MATH_CASES)
-def test_math_verifier_answer_forms(response, answer, expected):
-    assert MathVerifier().score(response, answer) is expected
-
-
-@pytest.mark.parametrize("answer", ["???", "\\frac{", ""])
-def test_unparsable_reference_answers_are_refused(answer):
-    with pytest.raises(AnswerParseError, match="cannot parse"):
-        MathVerifier().check_answer(answer)
+from trd_lightning.verifiers import MathVerifier
 
 
 def test_unparsable_answers_fail_before_compute(tmp_path, student_dir, teacher_dir):
     from lightning.pytorch import Trainer
 
-    from trd_lightning.data import PromptDataModule
     from trd_lightning.models import ModelSpec
     from trd_lightning.module import DistillationModule
     from trd_lightning.teachers import SeparateTeacher
@@ -98,68 +31,6 @@ def test_unparsable_answers_fail_before_compute(tmp_path, student_dir, teacher_d
     data = PromptDataModule(test_path=str(path), prompt_template="demo_student", tokenizer=module.tokenizer)
     with pytest.raises(ValueError, match=r"test.jsonl:2: math-verify cannot parse the reference answer '\?\?\?'.*model.verifier"):
         Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path).test(module, datamodule=data)
-
-
-def test_exact_match_reads_the_last_answer():
-    verifier = ExactMatch()
-    assert verifier.score("1+1=2;a:2", "2") and not verifier.score("a:2;a:3", "2") and not verifier.score("no answer", "2")
-    with pytest.raises(ValueError, match="capture group"):
-        ExactMatch(pattern="a:")
-
-
-def test_first_disagreement_and_loss_share_on_known_values():
-    # Two sequences: the teacher gives token 2 of the first p=0.01, and the second nothing under 0.05.
-    probs = torch.tensor([0.9, 0.8, 0.01, 0.9, 0.5, 0.7, 0.6])
-    lengths = torch.tensor([4, 3])
-    loss = torch.tensor([1.0, 1.0, 4.0, 2.0, 1.0, 1.0, 1.0])
-    assert first_disagreement(probs.log(), lengths, 0.05).tolist() == [2, -1]
-    stats = trajectory_stats(lengths, probs.log(), 0.05, student_logprobs=torch.full((7,), math.log(0.5)), per_token_loss=loss)
-    assert stats["disagreement_rate"] == pytest.approx(0.5)
-    assert stats["first_disagreement"] == pytest.approx(2 / 4)
-    assert stats["loss_after_disagreement"] == pytest.approx((4 + 2) / (1 + 1 + 4 + 2))
-    assert stats["teacher_ppl"] == pytest.approx(math.exp(-probs.log().mean().item()))
-    assert stats["student_ppl"] == pytest.approx(2.0)
-
-
-def test_pivot_mass_and_token_stats_on_a_constructed_head(tokenizer):
-    # A head whose logits make the distribution known: token 5 and 7 are pivots.
-    hidden = torch.eye(4)
-    head = torch.zeros(10, 4)
-    head[5, 0] = math.log(9.0)  # row 0: p(5) = 9 / (9 + 9) = 0.5
-    head[7, 1] = math.log(9.0)  # row 1: p(7) = 0.5
-    targets = torch.tensor([5, 0, 7, 3])
-    logprobs, lse = token_stats(hidden, head, None, targets, chunk_size=3)
-    assert torch.allclose(lse, torch.log(torch.tensor([18.0, 18.0, 10.0, 10.0])))
-    assert torch.allclose(logprobs.exp(), torch.tensor([0.5, 1 / 18, 0.1, 0.1]))
-    mass = pivot_mass(hidden, head, None, lse, [5, 7])
-    assert torch.allclose(mass, torch.tensor([0.5 + 1 / 18, 1 / 18 + 0.5, 0.2, 0.2]))
-    stats = trajectory_stats(torch.tensor([4]), logprobs, 0.05, pivots=mass)
-    assert stats["pivot_permille"] == pytest.approx(1000 * (0.5 + 1 / 18 + 1 / 18 + 0.5 + 0.4) / 4)
-
-
-def test_pivot_words_map_to_single_tokens_only(tokenizer):
-    with pytest.warns(UserWarning, match="no single-token spelling"):
-        assert pivot_token_ids(tokenizer, ["Wait"]) == []  # the demo's byte tokenizer spells it in 4 tokens
-    assert pivot_token_ids(tokenizer, ["W"]) == [tokenizer.convert_tokens_to_ids("W")]
-
-
-def test_per_sample_values_are_means_over_samples_and_unknown_ones_refused():
-    from trd_lightning.metrics import SampledAccuracy
-
-    metric = SampledAccuracy(n=2, ks=[1])
-    metric.update([2, 0], steps_valid=[1.0, 1.0, 0.0, 0.0])
-    metric.update([1], steps_valid=[0.0, 1.0])
-    assert float(metric.compute()["steps_valid"]) == pytest.approx(3 / 6)
-    assert "tests_passed" not in metric.compute()
-    with pytest.raises(ValueError, match="unknown per-sample value 'step_valid'"):
-        metric.update([1], step_valid=[1.0, 0.0])
-
-
-def test_position_profile_bins_by_relative_position():
-    profile = PositionProfile(bins=2)
-    profile.update(torch.tensor([1.0, 3.0, 10.0, 20.0, 30.0, 40.0]), torch.tensor([2, 4]))
-    # first half: 1 (of seq 1), 10, 20 (of seq 2); second half: 3, 30, 40
-    assert profile.compute().tolist() == pytest.approx([(1 + 10 + 20) / 3, (3 + 30 + 40) / 3])
 
 
 def run_test(args, cwd):
@@ -189,20 +60,46 @@ def test_ddp_metric_reduction_equals_one_process(tmp_path):
         assert single["divergence_by_relative_position"][name] == pytest.approx(double["divergence_by_relative_position"][name], abs=1e-5)
 
 
-@pytest.mark.parametrize("response, answer_right, steps_right", [
-    ("1-6=5;5+5=0;0*9=0;0-3=7;7*0=0;a:0", True, True),        # the worked solution
-    (" 1-6=5; 5+5=0;0*9=0;0-3=7;7*0=0;a:0 ", True, True),     # whitespace aside
-    ("1-6=5;5+5=0;0-9=0;0-3=7;7-0=0;a:0", True, False),       # answer-patched: wrong operators, copied values
-    ("1-6=5;5+5=0;0*9=0;0-3=7;7*0=1;a:1", False, False),      # a wrong result
-    ("1-6=5;5+5=0;0*9=0;7*0=0;a:0", True, False),             # a skipped step
-    ("5+5=0;1-6=5;0*9=0;0-3=7;7*0=0;a:0", True, False),       # steps reordered
-    ("1-6=5;5+5=0;0*9=0;0-3=7;7*0=0", False, False),          # no answer
-])
-def test_chain_verifier_checks_every_step(response, answer_right, steps_right):
-    from trd_lightning.verifiers import ChainVerifier
+def test_the_code_config_trains_and_tests_through_trd(tmp_path, monkeypatch):
+    """configs/code/smollm2_trd.yaml with tiny random models in place of SmolLM2: a TRD step through `trd fit`
+    and `trd test` results per code dataset. The tiny models write no program, so nothing runs in the sandbox
+    here; test_trd_test_on_code_reports_each_dataset (below) has SmolLM2 write real code."""
 
-    verifier = ChainVerifier()
-    assert verifier.score(response, "0") == answer_right
-    assert verifier.steps_valid("1-6+5*9-3*0", response) == steps_right
-    assert verifier.steps_valid("not a chain", response) is None
-    assert ExactMatch().steps_valid("1-6+5*9-3*0", response) is None  # answer-only verifiers cannot judge steps
+    import yaml
+
+    from trd_lightning.cli import main
+
+    # Byte-level tiny models: code prompts take many tokens, so a longer context than the shared fixtures'.
+    student_dir = save_tiny_model(tmp_path / "student", seed=1, max_position_embeddings=2048)
+    teacher_dir = save_tiny_model(tmp_path / "teacher", seed=2, max_position_embeddings=2048)
+    monkeypatch.chdir(ROOT)
+    tiny = {"model": {"init_args": {"student": {"path": student_dir, "gguf_file": None},  # laid over the shipped config (and its bases)
+                                    "teacher": {"init_args": {"model": {"path": teacher_dir, "gguf_file": None}}}}}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+    common = ["--config", "configs/code/smollm2_trd.yaml", "--config", str(tmp_path / "tiny.yaml"),
+              "--model.init_args.max_context_tokens=2048", "--data.init_args.max_prompt_tokens=1024",
+              "--model.init_args.sampling.max_new_tokens=8", "--model.init_args.refiner.init_args.sampling.max_new_tokens=8",
+              "--model.init_args.eval_sampling.max_new_tokens=8", f"--trainer.logger.init_args.save_dir={tmp_path}",
+              "--trainer.enable_progress_bar=false"]
+    main(["fit", *common, "--trainer.max_steps=1"])
+    main(["test", *common])
+    results = json.loads((tmp_path / "code_smollm2_trd" / "version_1" / "results.json").read_text())["results"]
+    datasets = ("humaneval_plus", "mbpp_plus", "livecodebench")
+    assert {(r["dataset"], r["who"]) for r in results} == {(d, w) for d in datasets for w in ("student", "teacher")}
+    assert all("tests_passed" in r and r["avg@2"] == 0.0 for r in results)  # random tiny models write no program
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_trd_test_on_code_reports_each_dataset(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the config names examples/code/ relative to the repository
+    main(["test", "--config", "configs/code/smollm2_trd.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}",
+          "--trainer.enable_progress_bar=false", "--trainer.limit_test_batches=1",
+          "--model.init_args.eval_sampling.n=1", "--model.init_args.eval_sampling.max_new_tokens=32",
+          "--model.init_args.refiner.init_args.sampling.max_new_tokens=32", "--model.init_args.pass_k=[1]"])
+    results = json.loads((tmp_path / "code_smollm2_trd" / "version_0" / "results.json").read_text())["results"]
+    rows = {(r["dataset"], r["who"]): r for r in results}
+    assert {d for d, _ in rows} == {"humaneval_plus", "mbpp_plus", "livecodebench"}
+    for (dataset, who), row in rows.items():
+        assert row["problems"] == {"humaneval_plus": 1, "mbpp_plus": 1, "livecodebench": 2}[dataset]
+        assert 0.0 <= row["avg@1"] <= 1.0 and 0.0 <= row["pass@1"] <= 1.0

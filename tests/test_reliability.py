@@ -1,5 +1,5 @@
-"""Reliability: exact resume after an interruption, atomic and checked checkpoints, non-finite steps skipped,
-degenerate rollouts survived, and bad input refused before compute with a message that names the fix."""
+"""Reliability: exact resume after an interruption (in one process and in 2-process DDP), atomic and checked checkpoints,
+non-finite steps skipped, and degenerate rollouts survived."""
 
 from __future__ import annotations
 
@@ -188,81 +188,6 @@ def test_degenerate_rollouts_are_survived_and_logged(tmp_path, monkeypatch):
     main(fit_args("opd", tmp_path, "empty", 2))
     logged = scalars(tmp_path / "empty/version_0")
     assert "train/loss" not in logged and [v for _, v in logged["train/skipped_empty_steps"]] == [1.0, 2.0]
-
-
-BAD_INPUTS = [
-    ("malformed YAML", ["--config", "{bad_yaml}"], "Problems parsing config"),
-    ("unknown class_path", ["--model.init_args.refiner=trd_lightning.refiners.Nope"],
-     "model.refiner: .*has no attribute 'Nope'.*unknown class_path 'trd_lightning.refiners.Nope'; the plug-ins are"),
-    ("batch size zero", ["--data.init_args.batch_size=0"], "data batch_size must be > 0"),
-    ("temperature zero", ["--model.init_args.sampling.temperature=0"], "sampling temperature must be > 0 .*greedy: true"),
-    ("top_k over the vocabulary", ["--model.init_args.sampling.top_k=300"], "top_k=300 is larger than the vocabulary \\(259 tokens\\)"),
-    ("max_new_tokens zero", ["--model.init_args.sampling.max_new_tokens=0"], "max_new_tokens must be > 0"),
-    ("invalid UTF-8", ["--data.init_args.train_path={bad_utf8}"], "bad.jsonl:2: the line is not valid UTF-8"),
-    ("missing field", ["--data.init_args.train_path={no_field}"], "nofield.jsonl:1: missing the field 'problem'"),
-    ("no chat template", ["--model.init_args.student.tokenizer={bare_tokenizer}"], "has no chat template; set `chat_template`"),
-    ("refine template without {attempt}", ["--model.init_args.refiner=trd_lightning.refiners.TeacherRewrite",
-                                            "--model.init_args.refiner.template={problem} fix it"], "lacks the placeholder \\{attempt\\}"),
-]
-
-
-@pytest.mark.parametrize("case, extra, match", BAD_INPUTS, ids=[c for c, _, _ in BAD_INPUTS])
-def test_bad_input_is_refused_before_compute(case, extra, match, bad_files, tmp_path, monkeypatch, capsys):
-    from trd_lightning.module import DistillationModule
-
-    started = []
-    monkeypatch.setattr(DistillationModule, "configure_model", lambda self: started.append(True))
-    extra = [arg.format(**bad_files) if "{" in arg and "}" in arg and "{problem}" not in arg else arg for arg in extra]
-    args = fit_args("opd", tmp_path, "bad", 1, *extra)
-    with pytest.raises(SystemExit) as error:
-        main(args)
-    import re
-
-    message = str(error.value) + capsys.readouterr().err
-    assert re.search(match, message, re.S), message
-    assert "Given value" not in message and "AddedToken" not in message  # the fix, not a dump of every argument
-    assert not started  # refused before any model was loaded
-
-
-def test_bad_training_data_is_refused_before_validate_before_fit_computes(bad_files, tmp_path, monkeypatch):
-    from trd_lightning.module import DistillationModule
-
-    started = []
-    monkeypatch.setattr(DistillationModule, "configure_model", lambda self: started.append(True))
-    args = fit_args("opd", tmp_path, "bad", 1, f"--data.init_args.train_path={bad_files['bad_utf8']}")
-    with pytest.raises(SystemExit, match="bad.jsonl:2: the line is not valid UTF-8"):
-        main([*args, "--validate_before_fit=true"])
-    assert not started
-
-
-def test_the_chatml_fallback_serves_a_tokenizer_without_a_template(bad_files, tmp_path):
-    main(fit_args("opd", tmp_path, "chatml", 1, f"--model.init_args.student.tokenizer={bad_files['bare_tokenizer']}",
-                  "--model.init_args.student.chat_template=chatml"))
-    assert scalars(tmp_path / "chatml/version_0")["train/loss"]
-
-
-def test_remote_code_is_off_unless_asked(monkeypatch):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from trd_lightning.models import ModelSpec, load_model, load_tokenizer
-
-    seen = []
-    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: seen.append(k["trust_remote_code"]) or _Stop())
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: seen.append(k["trust_remote_code"]) or _Stop())
-    for spec in (ModelSpec(path="demo:student"), ModelSpec(path="demo:student", trust_remote_code=True)):
-        for load in (load_tokenizer, load_model):
-            with pytest.raises(_StopError):
-                load(spec)
-    assert seen == [False, False, True, True]
-
-
-class _StopError(Exception):
-    pass
-
-
-class _Stop:
-    def __getattr__(self, name):
-        raise _StopError
 
 
 def test_interrupted_ddp_run_resumes_to_exactly_the_uninterrupted_one(tmp_path):

@@ -100,3 +100,15 @@ def test_inputs_give_back_each_sequence_as_packed(packed):
     contexts, targets = [[5, 6, 7], [8], [9, 10]], [[1, 2], [3, 4, 5], []]
     inputs = pack(contexts, targets, pad_id=0, packed=packed)
     assert inputs.sequences() == list(zip(contexts, targets))
+
+
+def test_views_hold_the_same_target_ids_packed_or_padded(tokenizer):
+    student, teacher, targets = [[1, 2], [3, 4, 5]], [[6], [7, 8, 9, 10]], [[11, 12, 13], [14]]
+    for packed in ((True, True), (False, False), (True, False)):
+        views = build_views(student, teacher, targets, 0, packed)
+        for inputs in (views.student, views.teacher):
+            assert inputs.input_ids[inputs.target_mask].tolist() == [11, 12, 13, 14]
+            assert int(inputs.target_mask.sum()) == 4  # the mask covers the targets and nothing else
+    packed = build_views(student, teacher, targets, 0, (True, True)).student
+    assert packed.input_ids.tolist() == [[1, 2, 11, 12, 13, 3, 4, 5, 14]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3]] and packed.attention_mask is None

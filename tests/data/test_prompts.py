@@ -1,4 +1,5 @@
-"""The prompt data module: reading, field checks, chat templating, and clear errors on bad data."""
+"""The prompt data module: reading, field checks and field paths (the code datasets' schemas among them), chat
+templating, and clear errors on bad data."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import json
 
 import pytest
 
+from tests.conftest import SCHEMAS, SUM_STDIN, load_schema
 from trd_lightning.data import DataError, PromptDataModule
-from trd_lightning.data.chain import CORRUPTIONS, ChainProblem, extract_answer, first_error_step, flawed_attempt, parse_problem, sample_problems
+from trd_lightning.sandbox import Limits
+from trd_lightning.verifiers import CodeVerifier
 
 
 def write_jsonl(path, rows):
@@ -96,31 +99,40 @@ def test_bad_settings_are_refused(kwargs, match):
         PromptDataModule(**kwargs)
 
 
-def test_chain_task_solution_and_verifier():
-    problem = parse_problem("7+3*2-5+8*4")
-    assert problem.solution == "7+3=0;0*2=0;0-5=5;5+8=3;3*4=2;a:2" and problem.answer == "2"
-    assert first_error_step(problem, problem.solution) is None
-    assert first_error_step(problem, "7+3=0;0*2=1;1-5=6;6+8=4;4*4=6;a:6") == 1
-    assert first_error_step(problem, "7+3=0;0*2=0;a:0") == 2
-    assert extract_answer("7+3=0;a:2") == "2" and extract_answer("no answer") is None
+@pytest.mark.parametrize("schema", list(SCHEMAS))
+def test_the_student_prompt_shows_the_starter_code(schema, tmp_path, tokenizer):
+    rows, items, tokenizer = load_schema(schema, tmp_path, tokenizer)
+    for row, item in zip(rows, items):
+        prompt = tokenizer.decode(item["prompt_ids"])
+        starter = (row.get("starter_code") or "").strip()
+        if starter:
+            assert starter in item["problem"] and starter in prompt
+        if schema == "evalplus":
+            assert row["prompt"].strip() in prompt and "```python" in prompt
+    if schema == "taco":  # the reference for OPSD is solutions[0]
+        assert items[0]["solution"] == SUM_STDIN
 
 
-@pytest.mark.parametrize("kind", CORRUPTIONS)
-def test_flawed_attempts_are_wrong_from_their_first_error(kind):
-    import random
-
-    rng = random.Random(0)
-    firsts = []
-    for problem in sample_problems(200, 5, seed=1):
-        attempt, first = flawed_attempt(problem, rng, (kind,))
-        assert first is not None and first_error_step(problem, attempt) == first
-        assert (extract_answer(attempt) is not None) or kind == "truncate"
-        firsts.append(first)
-    assert sum(f < 2 for f in firsts) > len(firsts) / 2  # most slips come early, as a weak student's do
+def test_field_paths_name_the_missing_field(tmp_path, tokenizer):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"question": "q", "solutions": "[]", "input_output": "{}"}) + "\n")
+    data = PromptDataModule(test_path=str(path), problem_field="question", answer_field={"tests": "input_output"},
+                            solution_field="solutions[0]", prompt_template="code_student", tokenizer=tokenizer)
+    with pytest.raises(Exception, match=r"solutions\[0\]"):
+        data.prepare("test")
 
 
-def test_sampled_problems_are_distinct_and_respect_exclusions():
-    first = sample_problems(50, 5, seed=0)
-    second = sample_problems(50, 5, seed=0, exclude={p.text for p in first})
-    assert len({p.text for p in first + second}) == 100
-    assert isinstance(first[0], ChainProblem)
+def test_each_named_dataset_reads_its_own_schema(tmp_path, tokenizer):
+    """One data module, three test sets in three schemas: per-dataset field mappings, one code path."""
+    paths = {}
+    for schema, (rows, fields) in SCHEMAS.items():
+        paths[schema] = {"path": str(tmp_path / f"{schema}.jsonl"), **{k: v for k, v in fields.items()}}
+        stored = [{k: v for k, v in r.items() if k not in ("correct", "wrong")} for r in rows]
+        (tmp_path / f"{schema}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stored))
+    data = PromptDataModule(test_path=paths, tokenizer=tokenizer, problem_field="nope", answer_field="nope")
+    verifier = CodeVerifier(limits=Limits(cpu_seconds=2, wall_seconds=2.0), workers=2)
+    for schema, (rows, _) in SCHEMAS.items():
+        items = list(data.prepare("test", schema))
+        assert verifier.score_many([r["correct"] for r in rows], [it["answer"] for it in items]) == [True] * len(rows)
+    with pytest.raises(Exception, match="unknown keys"):
+        PromptDataModule(test_path={"x": {"path": "a.jsonl", "answer_fields": "y"}}, tokenizer=tokenizer)

