@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import ROOT
 from trd_lightning.cli import TRDCLI, expand_extends
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml"))
 COMMAND = re.compile(r"\btrd fit (?P<args>[^`\n]+)")
 

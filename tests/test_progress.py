@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from tests.conftest import DEMO
 from trd_lightning.cli import TRDCLI
 from trd_lightning.progress import StepProgressBar
 
 pytestmark = pytest.mark.slow
-OPD = Path(__file__).resolve().parents[1] / "configs" / "demo" / "opd.yaml"
+OPD = DEMO / "opd.yaml"
 
 
 def fit(tmp_path, *extra: str):
