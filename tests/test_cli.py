@@ -15,6 +15,7 @@ from trd_lightning.cli import main, plugins
 from trd_lightning.module import DistillationModule
 
 
+@pytest.mark.slow
 def test_fit_logs_checkpoints_exports_and_resumes_at_the_right_step(student_dir, teacher_dir, chain_data, tmp_path):
     args = ["fit", "--config", str(DEMO / "opd.yaml"), *tiny_overrides(student_dir, teacher_dir, chain_data, tmp_path),
             "--trainer.max_steps=3", "--trainer.callbacks.init_args.every_n_train_steps=3"]
@@ -42,6 +43,7 @@ def test_fit_logs_checkpoints_exports_and_resumes_at_the_right_step(student_dir,
     assert torch.load(run.parent / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["demo/trd.yaml", "demo/trd_server.yaml", "trd_server.yaml"])
 def test_print_config_round_trips(config, tmp_path):
     first = subprocess.run([sys.executable, "-m", "trd_lightning.cli", "fit", "--config", str(ROOT / "configs" / config), "--print_config"],
@@ -56,11 +58,13 @@ def test_print_config_round_trips(config, tmp_path):
     assert config["model"]["init_args"]["divergence"]["init_args"]["direction"] == "forward"
 
 
+@pytest.mark.slow
 def test_the_console_script_is_installed():
     out = subprocess.run(["trd", "--help"], capture_output=True, text=True, check=True).stdout
     assert "fit" in out and "validate" in out and "test" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra, match",
     [
@@ -76,6 +80,7 @@ def test_bad_input_fails_with_a_message_naming_the_fix(extra, match, student_dir
     assert match in str(error.value) + capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["opd", "opsd", "trd", "trd_opsd", "smollm2_trd"])
 def test_code_configs_parse(config):
     """Every code config parses, uses the code templates and CodeVerifier, and names its test sets."""
@@ -118,6 +123,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, extra, match", BAD_INPUTS, ids=[c for c, _, _ in BAD_INPUTS])
 def test_bad_input_is_refused_before_compute(case, extra, match, bad_files, tmp_path, monkeypatch, capsys):
 
@@ -135,6 +141,7 @@ def test_bad_input_is_refused_before_compute(case, extra, match, bad_files, tmp_
     assert not started  # refused before any model was loaded
 
 
+@pytest.mark.slow
 def test_bad_training_data_is_refused_before_validate_before_fit_computes(bad_files, tmp_path, monkeypatch):
 
     started = []

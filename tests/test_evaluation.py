@@ -37,6 +37,7 @@ def run_test(args, cwd):
     return subprocess.run([sys.executable, "-m", "trd_lightning.cli", "test", *args], capture_output=True, text=True, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_ddp_metric_reduction_equals_one_process(tmp_path):
     """Five problems, greedy: two processes (3 + 2 problems, none repeated) report what one process reports."""
     problems = sample_problems(5, 5, seed=11)
@@ -60,6 +61,7 @@ def test_ddp_metric_reduction_equals_one_process(tmp_path):
         assert single["divergence_by_relative_position"][name] == pytest.approx(double["divergence_by_relative_position"][name], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_the_code_config_trains_and_tests_through_trd(tmp_path, monkeypatch):
     """configs/code/smollm2_trd.yaml with tiny random models in place of SmolLM2: a TRD step through `trd fit`
     and `trd test` results per code dataset. The tiny models write no program, so nothing runs in the sandbox

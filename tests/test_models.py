@@ -92,6 +92,7 @@ class _Stop:
         raise _StopError
 
 
+@pytest.mark.slow
 def test_the_chatml_fallback_serves_a_tokenizer_without_a_template(bad_files, tmp_path):
     main(fit_args("opd", tmp_path, "chatml", 1, f"--model.init_args.student.tokenizer={bad_files['bare_tokenizer']}",
                   "--model.init_args.student.chat_template=chatml"))

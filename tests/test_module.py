@@ -56,6 +56,7 @@ def test_opd_loss_matches_an_independent_reverse_kl(student_dir, teacher_dir, to
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_teacher_gets_no_gradient_and_stays_bit_identical(student_dir, teacher_dir, tokenizer, chain_data, tmp_path):
     module = make_module(student_dir, teacher_dir)
     teacher_before = {k: v.clone() for k, v in module.teacher_model.state_dict().items()}
@@ -126,6 +127,7 @@ def test_opsd_without_reference_data_fails_at_startup(tokenizer, chain_data, tmp
         trainer.fit(module, datamodule=data)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["opd", "opsd", "trd", "trd_opsd"])
 def test_each_demo_config_trains_two_steps(method, tmp_path):
     main(["fit", "--config", str(ROOT / "configs" / "demo" / f"{method}.yaml"), "--trainer.max_steps=2",
@@ -138,6 +140,7 @@ def test_each_demo_config_trains_two_steps(method, tmp_path):
     assert all(v > 0 for v in refined) if method.startswith("trd") else all(v == 0 for v in refined)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("baseline", sorted(p.stem for p in (ROOT / "configs" / "demo" / "baselines").glob("*.yaml")))
 def test_each_token_level_baseline_is_a_config_overlay(baseline, tmp_path):
     main(["fit", "--config", str(ROOT / "configs" / "demo" / "opd.yaml"),
@@ -172,6 +175,7 @@ def reference_overrides(method, student_dir, teacher_dir, chain_data, tmp_path):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["opd", "opsd", "trd", "trd_opsd"])
 def test_each_reference_config_trains_two_steps_with_stand_ins(method, student_dir, teacher_dir, chain_data, tmp_path):
     main(["fit", "--config", str(ROOT / "configs" / f"{method}.yaml"), *reference_overrides(method, student_dir, teacher_dir, chain_data, tmp_path)])
@@ -179,6 +183,7 @@ def test_each_reference_config_trains_two_steps_with_stand_ins(method, student_d
     assert [s for s, _ in logged["train/loss"]] == [0, 1]
 
 
+@pytest.mark.slow
 def test_command_line_switches_opd_to_trd(tmp_path):
     main(["fit", "--config", str(ROOT / "configs" / "demo" / "opd.yaml"),
           "--model.init_args.refiner=trd_lightning.refiners.TeacherRewrite", "--model.init_args.refiner.template=demo_refine",
@@ -209,6 +214,7 @@ def gradients_of_one_step(tmp_path, config, name, budget, student_dir, teacher_d
     return torch.load(path, weights_only=True), scalars(tmp_path / name / "version_0")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("packing", ["always", "never"])
 @pytest.mark.parametrize("config", ["opd", "trd"])
 def test_gradients_do_not_depend_on_the_micro_batch_budget(config, packing, student_dir, teacher_dir, chain_data, tmp_path):
@@ -243,6 +249,7 @@ class LengthByParity(Refiner):
         return rollouts
 
 
+@pytest.mark.slow
 def test_global_token_mean_over_ddp_ranks_equals_one_process(student_dir, teacher_dir, tmp_path):
     """Rank 0 holds the long targets (20x rank 1's tokens): its tokens must weigh what they weigh in one process."""
     data = tmp_path / "eight.jsonl"
@@ -278,6 +285,7 @@ def test_global_token_mean_over_ddp_ranks_equals_one_process(student_dir, teache
     assert count == int(count) >= 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting, fix", [("--trainer.accumulate_grad_batches=4", "data.init_args.batch_size"),
                                           ("--trainer.gradient_clip_val=1.0", "model.init_args.gradient_clip_val: 1.0")])
 def test_trainer_settings_the_step_replaces_are_refused_with_the_fix(setting, fix, student_dir, teacher_dir, chain_data, tmp_path):

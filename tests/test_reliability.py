@@ -65,6 +65,7 @@ class NaNLoss:
         return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config, signum", [("trd", signal.SIGTERM), ("trd_opsd", signal.SIGINT)], ids=["trd-sigterm", "trd_opsd-sigint"])
 def test_interrupted_run_resumes_to_exactly_the_uninterrupted_one(config, signum, tmp_path):
     # Sampled validation mid-run draws random numbers too: it must not shift the training stream.
@@ -111,6 +112,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 
+@pytest.mark.slow
 def test_a_truncated_checkpoint_is_refused_naming_the_file(tmp_path):
     path = tmp_path / "run.ckpt"
     SafeCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(1000)}}, path)
@@ -128,11 +130,13 @@ def test_checkpoints_load_weights_only(tmp_path):
         SafeCheckpointIO().load_checkpoint(path)
 
 
+@pytest.mark.slow
 def test_resume_last_without_a_checkpoint_says_so(tmp_path):
     with pytest.raises(SystemExit, match="--ckpt_path last: no .*version_\\*/checkpoints/last.ckpt to resume from"):
         main(fit_args("opd", tmp_path, "never", 1, "--ckpt_path=last"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", ["loss", "gradient"])
 def test_a_non_finite_step_changes_no_weight_and_is_counted(what, tmp_path):
     main(fit_args("opd", tmp_path, what, 4, "--trainer.callbacks+=tests.test_reliability.PoisonSteps",
@@ -150,12 +154,14 @@ def test_a_non_finite_step_changes_no_weight_and_is_counted(what, tmp_path):
     assert [v for _, v in logged["train/skipped_nonfinite_steps"]] == [0.0, 1.0, 2.0, 2.0]
 
 
+@pytest.mark.slow
 def test_consecutive_non_finite_steps_stop_the_run_with_what_was_seen(tmp_path):
     with pytest.raises(RuntimeError, match=r"stopped after 3 consecutive steps with a non-finite loss or gradient \(the last: loss nan"):
         main(fit_args("opd", tmp_path, "nan", 10, "--model.init_args.max_consecutive_skips=3",
                       "--trainer.callbacks+=tests.test_reliability.PoisonSteps", "--trainer.callbacks.steps=[0,1,2,3,4,5,6,7,8,9]"))
 
 
+@pytest.mark.slow
 def test_degenerate_rollouts_are_survived_and_logged(tmp_path, monkeypatch):
     from trd_lightning.rollout.hf import HFEngine
 
@@ -190,6 +196,7 @@ def test_degenerate_rollouts_are_survived_and_logged(tmp_path, monkeypatch):
     assert "train/loss" not in logged and [v for _, v in logged["train/skipped_empty_steps"]] == [1.0, 2.0]
 
 
+@pytest.mark.slow
 def test_interrupted_ddp_run_resumes_to_exactly_the_uninterrupted_one(tmp_path):
     """Two DDP processes: SIGTERM on both after step 1, then ``--ckpt_path last``, ends where a straight run ends."""
     import subprocess

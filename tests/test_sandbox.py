@@ -21,6 +21,7 @@ import pytest
 from trd_lightning.code_tests import jobs, parse_tests, passed
 from trd_lightning.sandbox import Job, Limits, Sandbox, SandboxError, sandbox_env, uid_processes
 
+pytestmark = pytest.mark.slow  # every test starts sandboxed processes
 LIMITS = Limits(cpu_seconds=2, wall_seconds=3.0, memory_mb=256, file_size_mb=8, processes=16, output_bytes=1 << 20)
 ROOT = os.getuid() == 0
 TESTS = parse_tests('{"inputs": [""], "outputs": ["done"]}')

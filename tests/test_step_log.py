@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.conftest import fit_args, scalars
 from trd_lightning.cli import main
 
 
+@pytest.mark.slow
 def test_scheduled_measurements_are_written_even_between_logging_steps(tmp_path):
     """Logging every 2 steps, the diagnostics pass every 3: each step on either schedule is written, with what it measured."""
     main(fit_args("trd", tmp_path, "run", 5, "--model.init_args.diagnostics_every=3", "--trainer.log_every_n_steps=2"))

@@ -12,6 +12,7 @@ from tests.conftest import fit_args, scalars
 from trd_lightning.cli import main
 
 
+@pytest.mark.slow
 def test_a_metric_is_logged_only_at_the_steps_that_measured_it(tmp_path):
     main(fit_args("trd", tmp_path, "run", 4, "--model.init_args.diagnostics_every=3",  # the demo's own models and data
                   "--model.init_args.packing=always"))
@@ -45,6 +46,7 @@ def chain_steps_right(problem: str, response: str) -> bool:
     return written == [f"a:{value}"]
 
 
+@pytest.mark.slow
 def test_step_level_metrics_agree_with_a_recount_of_the_logged_samples(tmp_path):
     """TRD on OPSD, every row of every step in the samples file: the logged step validity, answer-patched share and
     coherence means are exactly what a recount of those rows gives."""

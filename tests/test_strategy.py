@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from lightning.pytorch import Callback
 
 from tests.conftest import ROOT, scalars
+
+pytestmark = pytest.mark.slow  # two processes each
 
 
 class ShardReport(Callback):

@@ -73,6 +73,7 @@ def verifier():
     return CodeVerifier(limits=Limits(cpu_seconds=2, wall_seconds=2.0, memory_mb=512), workers=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schema", list(SCHEMAS))
 def test_every_verdict_is_right(schema, verifier, tmp_path, tokenizer):
     rows, items, _ = load_schema(schema, tmp_path, tokenizer)
@@ -93,6 +94,7 @@ def test_every_verdict_is_right(schema, verifier, tmp_path, tokenizer):
             assert v.fraction == 0.0
 
 
+@pytest.mark.slow
 def test_fraction_counts_the_tests_passed(verifier):
     tests = json.dumps({"inputs": ["1\n", "2\n", "3\n", "4\n"], "outputs": ["1\n", "4\n", "9\n", "4\n"]})
     verdict, = verifier.verdicts([fenced("x = int(input())\nprint(x * x)")], [tests])  # right on 3 of 4 cases
@@ -116,6 +118,7 @@ def test_bad_tests_are_clear_errors(verifier):
             verifier.check_answer(answer)
 
 
+@pytest.mark.slow
 def test_site_packages_is_a_choice():
     answer = json.dumps({"inputs": [""], "outputs": ["1"]})
     response = fenced("import sys\nprint(sys.flags.no_site)")
@@ -123,6 +126,7 @@ def test_site_packages_is_a_choice():
     assert not CodeVerifier(workers=1, site_packages=True).score(response, answer)
 
 
+@pytest.mark.slow
 def test_tests_passed_is_reported_beside_avg_and_pass(verifier):
 
     tests = json.dumps({"inputs": ["1\n", "2\n", "3\n", "4\n"], "outputs": ["1\n", "4\n", "9\n", "4\n"]})
@@ -136,12 +140,14 @@ def test_tests_passed_is_reported_beside_avg_and_pass(verifier):
     assert "tests_passed" not in math_like.compute()  # only verifiers that run tests report it
 
 
+@pytest.mark.slow
 def test_unicode_programs_and_outputs(verifier):
     answer = json.dumps({"inputs": ["naïve ✓\n"], "outputs": ["NAÏVE ✓ → ok\n"]})
     assert verifier.score(fenced("# élan: upper-case the line\nprint(input().upper(), '→ ok')"), answer)
     assert not verifier.score(fenced("print('\udcff')"), answer)  # a lone surrogate fails the test, nothing crashes
 
 
+@pytest.mark.slow
 def test_a_training_row_without_tests_fails_without_stopping(verifier):
     with pytest.warns(UserWarning, match="cannot be read"):
         verdict, = verifier.verdicts([fenced(SUM_STDIN)], [json.dumps({"inputs": [], "outputs": []})])

@@ -122,6 +122,7 @@ def test_field_paths_name_the_missing_field(tmp_path, tokenizer):
         data.prepare("test")
 
 
+@pytest.mark.slow
 def test_each_named_dataset_reads_its_own_schema(tmp_path, tokenizer):
     """One data module, three test sets in three schemas: per-dataset field mappings, one code path."""
     paths = {}

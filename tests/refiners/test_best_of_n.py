@@ -64,6 +64,7 @@ def test_best_of_n_trains_on_the_accepted_rewrite_the_teacher_scores_highest():
     assert len(targets.metrics["best_of_n_accepted"]) == len(rollouts)
 
 
+@pytest.mark.slow
 def test_best_of_n_trains_on_the_demo_from_its_overlay(tmp_path):
     main(["fit", "--config", str(DEMO / "trd.yaml"), "--config", str(DEMO / "refiners" / "best_of_n.yaml"), "--trainer.max_steps=2",
           f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.logger.init_args.name=best", "--trainer.enable_progress_bar=false",

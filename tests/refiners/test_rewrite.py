@@ -21,6 +21,7 @@ def test_refiner_sampling_must_be_one_per_rollout():
         TeacherRewrite("demo_refine", sampling=Sampling(n=2))
 
 
+@pytest.mark.slow
 def test_require_valid_steps_trains_only_on_step_valid_rewrites(tmp_path):
     """Opt-in: a rewrite whose derivation the verifier finds wrong at a step falls back to y_o, counted."""
     main(fit_args("trd_opsd", tmp_path, "strict", 3, "--model.init_args.refiner.init_args.require_valid_steps=true"))

@@ -37,6 +37,7 @@ class StaleEngine(HFEngine):
         return super().generate(role, self.copies[role], prompts, sampling)
 
 
+@pytest.mark.slow
 def test_a_synced_engine_agrees_with_the_trainer_to_numerics(tmp_path, student_dir, teacher_dir, chain_data):
     main(["fit", "--config", str(ROOT / "configs" / "demo" / "opd.yaml"), *tiny_overrides(student_dir, teacher_dir, chain_data, tmp_path),
           "--trainer.max_steps=2", "--model.init_args.engine=trd_lightning.rollout.HFEngine", "--model.init_args.engine.return_logprobs=true",
@@ -46,6 +47,7 @@ def test_a_synced_engine_agrees_with_the_trainer_to_numerics(tmp_path, student_d
     assert all(v < 1e-4 for _, v in logged["rollout/logprob_gap_max"])
 
 
+@pytest.mark.slow
 def test_a_stale_engine_is_caught(student_dir, teacher_dir, tokenizer, chain_data):
     from lightning.pytorch import Trainer
 

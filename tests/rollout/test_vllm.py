@@ -7,7 +7,7 @@ import pytest
 import torch
 
 pytest.importorskip("vllm")
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 from tests.conftest import ROOT, scalars  # noqa: E402
 from trd_lightning.cli import main  # noqa: E402

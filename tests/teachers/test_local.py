@@ -36,6 +36,7 @@ def run_steps(module, tokenizer, chain_data, tmp_path, steps=3):
             limit_val_batches=0, default_root_dir=tmp_path).fit(module, datamodule=make_data(tokenizer, chain_data))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [None, LoRA(r=4, alpha=8)], ids=["full", "lora"])
 def test_opsd_frozen_teacher_keeps_step0_weights_and_live_teacher_follows(lora, student_dir, tokenizer, chain_data, tmp_path):
     for frozen in (True, False):

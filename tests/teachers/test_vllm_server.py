@@ -41,12 +41,14 @@ def fit_args(config: str, save_dir, url: str | None = None, *extra: str) -> list
             *([f"--model.init_args.teacher.init_args.urls={json.dumps([url])}"] if url else []), *extra]
 
 
+@pytest.mark.slow
 def test_full_vocabulary_divergence_with_a_server_teacher_is_refused_before_anything_starts(tmp_path):
     with pytest.raises(SystemExit, match="support: full needs the teacher's whole distribution"):
         main(fit_args("demo/trd_server.yaml", tmp_path, "http://127.0.0.1:9", "--model.init_args.divergence.support=full",
                       "--model.init_args.divergence.tail=false"))
 
 
+@pytest.mark.slow
 def test_a_server_down_at_start_up_stops_before_any_compute(tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
@@ -85,6 +87,7 @@ def served(url: str, **kwargs) -> VLLMServerTeacher:
     return VLLMServerTeacher([url], NAME, **{"top_k": TOP_K, **kwargs})
 
 
+@pytest.mark.slow
 @pytest.mark.vllm
 def test_server_teacher_generates_and_scores_as_the_local_teacher(server, local):
     module, batch = local
@@ -116,6 +119,7 @@ def test_server_teacher_generates_and_scores_as_the_local_teacher(server, local)
     assert (server_out.per_token - local_out.per_token).abs().max() < 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.vllm
 def test_trd_and_opd_k3_train_two_steps_with_the_server_teacher(server, tmp_path):
     main(fit_args("demo/trd_server.yaml", tmp_path, server.url))
@@ -134,6 +138,7 @@ def test_trd_and_opd_k3_train_two_steps_with_the_server_teacher(server, tmp_path
     assert all(torch.isfinite(torch.tensor(v)) for _, v in opd["train/loss"])
 
 
+@pytest.mark.slow
 @pytest.mark.vllm
 def test_a_server_with_another_tokenizer_is_refused_at_start_up(tmp_path):
     """The demo teacher served with '7' and '8' swapped in its tokenizer: same model, same vocabulary size, other ids."""
@@ -149,6 +154,7 @@ def test_a_server_with_another_tokenizer_is_refused_at_start_up(tmp_path):
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+@pytest.mark.slow
 @pytest.mark.vllm
 def test_a_hanging_request_times_out_and_is_retried_on_the_next_server(server, local):
     module, batch = local
@@ -168,6 +174,7 @@ def test_a_hanging_request_times_out_and_is_retried_on_the_next_server(server, l
         holding.close()
 
 
+@pytest.mark.slow
 @pytest.mark.vllm
 def test_a_server_killed_mid_run_stops_with_last_ckpt_and_the_run_resumes_once_it_is_back(server, tmp_path):
     """Kept last: it kills the session's server, and starts it again."""
