@@ -12,11 +12,13 @@ import yaml
 from jsonargparse import ArgumentError
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from trd_lightning.data.prompts import DataError
 from trd_lightning.module import SettingsError
+from trd_lightning.progress import StepProgressBar
 from trd_lightning.reliability import CheckpointError, ResumableError, SafeCheckpointIO, check_checkpoint, find_last_checkpoint
 from trd_lightning.teachers import TeacherSetupError
 
@@ -181,6 +183,12 @@ class TRDCLI(LightningCLI):
             fail(concise(str(error)))
 
     def instantiate_trainer(self, **kwargs):
+        # The progress bar counts optimizer steps of max_steps, unless the config turns bars off or chose one itself.
+        config = self._get(self.config_init, "trainer", default={})
+        chosen = config.get("callbacks") or []
+        chosen = chosen if isinstance(chosen, list) else [chosen]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in chosen):
+            kwargs.setdefault("callbacks", [*chosen, StepProgressBar()])
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = SafeCheckpointIO()

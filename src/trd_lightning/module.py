@@ -21,7 +21,6 @@ from typing import Literal
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -46,7 +45,6 @@ from trd_lightning.models import (
     vocab_size,
 )
 from trd_lightning.optim import WarmupCosine, optimizer_and_schedule
-from trd_lightning.progress import StepProgressBar
 from trd_lightning.refiners import Identity, Refiner, Targets, TeacherAccess
 from trd_lightning.reliability import GracefulInterrupt, NonFiniteGuard, RolloutRandomness, SaveOnResumableError
 from trd_lightning.rollout import STUDENT, HFEngine, RolloutEngine, Rollouts, Sampling
@@ -269,11 +267,10 @@ class DistillationModule(DistillationEvaluation, LightningModule):
 
     def configure_callbacks(self):
         check_trainer(self.trainer)  # Lightning calls this before it checks the trainer itself, with a vaguer message
-        callbacks = [StepLog(self.verifier, self.disagreement_threshold, self.log_samples_every), self.nonfinite, GracefulInterrupt(),
-                     SaveOnResumableError()]
-        if type(self.trainer.progress_bar_callback) is RichProgressBar:  # Lightning's default, not one the config chose
-            callbacks.append(StepProgressBar())
-        return callbacks
+        if any(callback is self.nonfinite for callback in self.trainer.callbacks):
+            return []  # a trainer entered again (fit after validate_before_fit) keeps what its first entry attached
+        return [StepLog(self.verifier, self.disagreement_threshold, self.log_samples_every), self.nonfinite, GracefulInterrupt(),
+                SaveOnResumableError()]
 
     def configure_optimizers(self):
         return optimizer_and_schedule(self.optimizer_factory, self.lr_schedule, self.student, int(self.trainer.estimated_stepping_batches))

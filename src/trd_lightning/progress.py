@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 class StepProgressBar(RichProgressBar):
     """Lightning's default bar, but counting optimizer steps towards ``trainer.max_steps`` ("step 120/300"): a run
     here is sized in steps, the data cycling under it, so the epoch's batches and Lightning's "Epoch 0/-2" (an unset
-    ``max_epochs``) say nothing. The module puts it in place of the default bar only; a bar set in the config stays."""
+    ``max_epochs``) say nothing. ``trd`` gives the trainer this bar unless the config chose one or turned bars off."""
 
     @property
     def total_train_batches(self) -> int | float:
