@@ -149,7 +149,7 @@ class DistillationEvaluation(EvaluationMixin):
         if self.evaluate_teacher:
             solutions = self.refiner.teacher_solutions(batch, rollouts, targets, self.teacher_access, self.eval_sampling)
             self.score("test", dataloader_idx, "teacher", batch, solutions)
-        student_contexts = [batch.prompt_ids[i] for i in rollouts.prompt_index]
+        student_contexts = batch.prompts_of(rollouts.prompt_index)
         scoring = self.refiner.scoring_contexts(batch, rollouts.prompt_index, self.teacher_access)
         scored = [not (batch.padding and batch.padding[i]) for i in rollouts.prompt_index]
         self.profile("y_o", student_contexts, scoring, rollouts.token_ids, scored)

@@ -314,7 +314,7 @@ class DistillationModule(DistillationEvaluation, LightningModule):
     def make_views(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets, rows: Sequence[int] | None = None) -> Views:
         """Both models' inputs for these rows (all by default) of the step, packed where the model allows."""
         rows = range(len(rollouts)) if rows is None else rows
-        return build_views([batch.prompt_ids[rollouts.prompt_index[r]] for r in rows], [targets.teacher_contexts[r] for r in rows],
+        return build_views(batch.prompts_of([rollouts.prompt_index[r] for r in rows]), [targets.teacher_contexts[r] for r in rows],
                            [targets.token_ids[r] for r in rows], self.tokenizer.pad_token_id, (self.packs(STUDENT), self.packs(TEACHER)))
 
     def distill(self, views: Views, weights: torch.Tensor | None = None, record: StepRecord | None = None) -> tuple[DivergenceOutput, TeacherScores]:
@@ -364,7 +364,7 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         guard = self.logprob_guard
         if guard is None or rollouts.logprobs is None or not guard.due(self.global_step):
             return False
-        contexts = [batch.prompt_ids[i] for i in rollouts.prompt_index]
+        contexts = batch.prompts_of(rollouts.prompt_index)
         gaps = guard.check(rollouts.logprobs, self.scorer.student_logprobs(contexts, rollouts.token_ids), self.global_step)
         record.add_tokens(logprob_gap=gaps)
         return True
@@ -378,7 +378,7 @@ class DistillationModule(DistillationEvaluation, LightningModule):
             return None
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
-        student_contexts = [batch.prompt_ids[i] for i in rollouts.prompt_index]
+        student_contexts = batch.prompts_of(rollouts.prompt_index)
         costs = [max(len(s), len(t)) + n for s, t, n in zip(student_contexts, targets.teacher_contexts, lengths)]
         groups = list(self.batcher.plan(costs, packed=self.packs(STUDENT) and self.packs(TEACHER)))
         scale = self.trainer.world_size  # DDP and FSDP2 average gradients over ranks; the weights already divide by the global count
@@ -413,7 +413,7 @@ class DistillationModule(DistillationEvaluation, LightningModule):
             return False
         with record.timed("diagnostics"):
             scoring = self.refiner.scoring_contexts(batch, rollouts.prompt_index, self.teacher_access)
-            plain = [batch.prompt_ids[i] for i in rollouts.prompt_index]
+            plain = batch.prompts_of(rollouts.prompt_index)
             diagnose_rewrites(self.scorer, scoring, plain, rollouts, targets, self.pivot_ids, record)
         return True
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from lightning.pytorch import LightningDataModule
@@ -15,7 +16,6 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from trd_lightning.distributed import distributed
 from trd_lightning.models import resolve_path
-from trd_lightning.rollout.base import Rollouts
 from trd_lightning.templates import PROBLEM, SOLUTION, Template
 from trd_lightning.views import ChatPrompts, PromptTooLongError
 
@@ -26,7 +26,7 @@ class DataError(ValueError):
 
 @dataclass
 class PromptBatch:
-    """A batch of problems; the rollout callback attaches the student's ``rollouts``."""
+    """A batch of problems, each with its student prompt's token ids."""
 
     index: list[int]
     problem: list[str]
@@ -34,10 +34,13 @@ class PromptBatch:
     solution: list[str | None]
     prompt_ids: list[list[int]]
     padding: list[bool] = field(default_factory=list)  # evaluation filler that keeps ranks in step; never scored
-    rollouts: Rollouts | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def prompts_of(self, prompt_index: Sequence[int]) -> list[list[int]]:
+        """The student prompt of each row (a rollout's, by its ``prompt_index``)."""
+        return [self.prompt_ids[i] for i in prompt_index]
 
 
 def read_records(path: str) -> list[dict]:

@@ -78,7 +78,7 @@ class Refiner(ABC):
         """The teacher's context for each row: the student's own prompt when ``template`` is None,
         else ``template`` filled with the problem (and the reference solution)."""
         if template is None:
-            return [batch.prompt_ids[i] for i in prompt_index]
+            return batch.prompts_of(prompt_index)
         rendered = {}
         for i in sorted(set(prompt_index)):
             rendered[i] = teacher.prompts.encode(

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from trd_lightning.distributed import distributed
 from trd_lightning.models import base_model, evaluating, is_sharded
 from trd_lightning.rollout.base import RolloutEngine, Rollouts, Sampling, split_completion
 
@@ -73,7 +74,7 @@ class HFEngine(RolloutEngine):
             input_ids[row, width - len(prompt):] = torch.tensor(prompt)
             attention_mask[row, width - len(prompt):] = 1
         # A sharded model gathers weights in every forward: all ranks must run as many, until every rank is done.
-        synced = is_sharded(model) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        synced = is_sharded(model) and distributed()
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config,
                              synced_gpus=synced)
         generated = out.sequences[:, width:]
