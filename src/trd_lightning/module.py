@@ -45,9 +45,10 @@ from trd_lightning.models import (
     vocab_size,
 )
 from trd_lightning.optim import WarmupCosine, optimizer_and_schedule
+from trd_lightning.precision import check_precision_settings, check_trainable_float32, compute_dtype
 from trd_lightning.refiners import Identity, Refiner, Targets, TeacherAccess
 from trd_lightning.reliability import GracefulInterrupt, NonFiniteGuard, RolloutRandomness, SaveOnResumableError
-from trd_lightning.rollout import STUDENT, HFEngine, RolloutEngine, Rollouts, Sampling
+from trd_lightning.rollout import STUDENT, HFEngine, Placement, RolloutEngine, Rollouts, Sampling
 from trd_lightning.rollout.guard import LogprobGuard
 from trd_lightning.scores import TeacherScores
 from trd_lightning.scoring import Scorer
@@ -55,7 +56,7 @@ from trd_lightning.step_log import StepLog
 from trd_lightning.step_metrics import StepRecord, StepResult
 from trd_lightning.strategy import gradient_sync
 from trd_lightning.teachers import Teacher
-from trd_lightning.teachers.local import TEACHER, exclude_reloadable_teacher
+from trd_lightning.teachers.local import TEACHER, LocalTeacher, exclude_reloadable_teacher
 from trd_lightning.verifiers import ExactMatch, Verifier
 from trd_lightning.views import ChatPrompts, Views, build_views
 
@@ -237,7 +238,8 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         check_plain_head(self.student, "student")
         self.check_sampling(vocab_size(self.student))
         self.stop_ids = stop_token_ids(self.tokenizer, self.student)
-        self.engine.setup(self.tokenizer, self.stop_ids)
+        self.engine.setup(self.tokenizer, self.stop_ids, self.placement(), self.sync_every)
+        self.engine.check_roles(self.engine_roles())
         # Loads, builds (a frozen copy is taken before any sharding) or connects, and checks the vocabulary.
         self.teacher_model = self.teacher.setup(self.student, self.tokenizer, self.engine)
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over its data-parallel dimension
@@ -245,6 +247,21 @@ class DistillationModule(DistillationEvaluation, LightningModule):
             self.sharding.apply(self.student, mesh)
             self.teacher.shard(self.sharding, mesh)
         exclude_reloadable_teacher(self, "teacher_model", self.teacher)
+
+    def placement(self) -> Placement:
+        """This process's place among the trainer's, its device and compute dtype, for the rollout engine."""
+        if self._trainer is None:  # built by hand, outside a Trainer: one process here
+            return Placement(compute_dtype=compute_dtype("32-true", self.student))
+        device = self.trainer.strategy.root_device
+        return Placement(rank=self.trainer.global_rank, world_size=self.trainer.world_size,
+                         device_index=device.index if device.type == "cuda" else None,
+                         compute_dtype=compute_dtype(self.trainer.precision, self.student))
+
+    def engine_roles(self) -> set[str]:
+        """The roles the engine may serve: the student's, and a local teacher's with weights of its own (which
+        generates rewrites, and its own solutions in ``test``)."""
+        own_teacher = isinstance(self.teacher, LocalTeacher) and not self.teacher.is_live
+        return {STUDENT, TEACHER} if own_teacher else {STUDENT}
 
     def check_sampling(self, vocab: int | None) -> None:
         if vocab is None:
@@ -267,6 +284,8 @@ class DistillationModule(DistillationEvaluation, LightningModule):
 
     def configure_callbacks(self):
         check_trainer(self.trainer)  # Lightning calls this before it checks the trainer itself, with a vaguer message
+        if self.trainer.state.fn == "fit":  # evaluating in bf16-true is fine; training in it moves nothing
+            check_precision_settings(self.trainer.precision, self.student_spec.dtype, self.student_spec.lora is not None)
         if any(callback is self.nonfinite for callback in self.trainer.callbacks):
             return []  # a trainer entered again (fit after validate_before_fit) keeps what its first entry attached
         return [StepLog(self.verifier, self.disagreement_threshold, self.log_samples_every), self.nonfinite, GracefulInterrupt(),
@@ -282,6 +301,7 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         return self
 
     def on_fit_start(self) -> None:
+        check_trainable_float32(self.student)  # the invariant itself, after the strategy and precision set the model up
         # Lightning warns of every module in eval mode when training starts; the frozen teacher is meant to be. Silence
         # exactly that count, so any other module left in eval mode (the student's) is still reported.
         if self.teacher_model is not None:
@@ -341,6 +361,7 @@ class DistillationModule(DistillationEvaluation, LightningModule):
             guarded = self.check_rollout_logprobs(batch, rollouts, record)
             with record.timed("refine"):
                 targets = self.refiner.refine(batch, rollouts, self.teacher_access)
+            self.engine.release()  # generation is done: the engines free the device for training (vLLM sleep mode)
             loss = self.learn(batch, rollouts, targets, record)
             diagnosed = self.diagnose(batch, rollouts, targets, record)
             self.update(loss, record)
@@ -349,9 +370,10 @@ class DistillationModule(DistillationEvaluation, LightningModule):
     def rollout(self, batch: PromptBatch, record: StepRecord) -> Rollouts:
         """The step's rollouts y_o, every prompt in one engine call (decoding is memory-bound: the engine gets the whole
         step), from the current weights: an engine holding its own copy is synced first, every ``sync_every`` steps."""
-        self.randomness.before_rollout()
+        self.randomness.before_rollout(self.global_rank)
         step = self.global_step
-        if self.engine.holds_weights and (self.synced_at is None or step - self.synced_at >= self.sync_every):
+        due = self.synced_at is None or step - self.synced_at >= self.sync_every or not self.engine.has_weights(STUDENT)
+        if self.engine.holds_weights and due:
             with record.timed("sync"):
                 self.engine.sync_weights(STUDENT, self.student)
             self.synced_at = step
@@ -440,10 +462,11 @@ class DistillationModule(DistillationEvaluation, LightningModule):
 
     # -- around the steps --------------------------------------------------------------------------------
     def on_validation_start(self) -> None:
-        self.randomness.stash()  # validation in the middle of training never shifts the rollouts' stream
+        self.randomness.stash(self.global_rank)  # validation in the middle of training never shifts the rollouts' stream
 
     def on_validation_end(self) -> None:
         self.randomness.restore_stash()
+        self.engine.release()  # training follows
 
     def on_fit_end(self):
         directory = self.log_dir() / "student_hf"  # on every rank: the log dir is a collective under DDP

@@ -43,17 +43,29 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class RolloutRandomness:
-    """The random streams rollouts are sampled from, kept exact across a restore and around validation.
+def fork_per_rank(rank: int) -> None:
+    """Give this rank a random stream of its own: ``seed_everything`` seeds every rank alike, so without this they
+    would draw the same sampling noise. Rank 0 keeps its stream, so a single process samples as it always did."""
+    if rank == 0:
+        return
+    seed = (torch.initial_seed() * 1_000_003 + rank) % 2**63
+    torch.manual_seed(seed)  # the CPU and every CUDA generator
+    random.seed(seed)
 
-    The checkpoint holds every process's RNG state (their streams part as soon as their rollouts differ in length,
-    and the checkpoint is written from the first process's state). A restored state is applied at the first
-    rollout after the restore, so nothing run in between shifts the stream; validation in the middle of training
-    runs on a stashed copy. The same world size resumes exactly."""
+
+class RolloutRandomness:
+    """The random streams rollouts are sampled from: one per rank, kept exact across a restore and around validation.
+
+    Every rank's stream is forked from the run's seed by its rank before it first samples (``fork_per_rank``). The
+    checkpoint holds every process's RNG state (their streams part as soon as their rollouts differ in length, and
+    the checkpoint is written from the first process's state). A restored state is applied at the first rollout
+    after the restore, so nothing run in between shifts the stream; validation in the middle of training runs on a
+    stashed copy. The same world size resumes exactly."""
 
     def __init__(self):
         self.resumed: dict | None = None
         self.stashed: dict | None = None
+        self.forked = False
 
     def state_dict(self) -> dict:
         return {"rng_per_rank": gather_objects(rng_state())}  # a collective: every process saves together
@@ -61,13 +73,22 @@ class RolloutRandomness:
     def load_state_dict(self, state: dict) -> None:
         states = state.get("rng_per_rank") or [state["rng"]]  # "rng": one process's, as the oldest checkpoints hold it
         self.resumed = states[rank() % len(states)]
+        self.forked = True  # the saved streams are the ranks' own already
 
-    def before_rollout(self) -> None:
+    def fork(self, process_rank: int) -> None:
+        if not self.forked:
+            fork_per_rank(process_rank)
+            self.forked = True
+
+    def before_rollout(self, process_rank: int = 0) -> None:
         if self.resumed is not None:
             set_rng_state(self.resumed)
             self.resumed = None
+        self.fork(process_rank)
 
-    def stash(self) -> None:
+    def stash(self, process_rank: int = 0) -> None:
+        if self.resumed is None:  # a resumed state is applied at the next rollout, validation or not
+            self.fork(process_rank)
         self.stashed = rng_state()
 
     def restore_stash(self) -> None:

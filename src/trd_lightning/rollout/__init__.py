@@ -1,8 +1,8 @@
 """Rollouts: sampling the student's (and the teacher's) completions."""
 
-from trd_lightning.rollout.base import STUDENT, RolloutEngine, Rollouts, Sampling
+from trd_lightning.rollout.base import STUDENT, Placement, RolloutEngine, Rollouts, Sampling
 from trd_lightning.rollout.guard import LogprobGuard, StaleWeightsError
 from trd_lightning.rollout.hf import HFEngine
 from trd_lightning.rollout.vllm import VLLMEngine
 
-__all__ = ["STUDENT", "HFEngine", "LogprobGuard", "RolloutEngine", "Rollouts", "Sampling", "StaleWeightsError", "VLLMEngine"]
+__all__ = ["STUDENT", "HFEngine", "LogprobGuard", "Placement", "RolloutEngine", "Rollouts", "Sampling", "StaleWeightsError", "VLLMEngine"]

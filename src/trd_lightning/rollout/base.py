@@ -11,6 +11,20 @@ from torch import nn
 STUDENT = "student"  # an engine holds weights by role: the student's, and a teacher's with weights of its own
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where this process's engines run: its place among the trainer's processes, and its device.
+
+    ``device_index`` is the accelerator the trainer gave this process (vLLM's torchrun-style launcher takes its
+    device from ``LOCAL_RANK``, so this is what it must read there, even where devices are not numbered by rank).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    device_index: int | None = None  # None: the CPU
+    compute_dtype: str = "float32"  # the dtype the trainer computes in (bf16 under bf16-mixed)
+
+
 @dataclass
 class Sampling:
     """How to sample a completion. ``top_k=0`` and ``top_p=1`` turn those filters off.
@@ -85,9 +99,18 @@ class RolloutEngine(ABC):
 
     tokenizer = None
     stop_ids: set[int] = set()
+    placement = Placement()
 
-    def setup(self, tokenizer, stop_ids: set[int]) -> None:
+    def setup(self, tokenizer, stop_ids: set[int], placement: Placement | None = None, sync_every: int = 1) -> None:
+        """Called once the trainer knows its processes; ``sync_every``: the steps between the student's weight syncs."""
         self.tokenizer, self.stop_ids = tokenizer, set(stop_ids)
+        self.placement = placement or Placement()
+
+    def check_roles(self, roles: set[str]) -> None:
+        """Refuse, before anything loads, a setting that cannot serve these roles (e.g. a sleep level)."""
+
+    def release(self) -> None:
+        """The trainer is about to train: free what the engine holds on the device (vLLM: sleep mode)."""
 
     def sync_weights(self, role: str, model: nn.Module) -> None:
         """Make ``role`` generate with ``model``'s current weights. Engines that run the live module need nothing."""

