@@ -18,8 +18,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from trd_lightning.data.prompts import DataError
 from trd_lightning.module import SettingsError
+from trd_lightning.precision import PrecisionError, check_precision_settings
 from trd_lightning.progress import StepProgressBar
 from trd_lightning.reliability import CheckpointError, ResumableError, SafeCheckpointIO, check_checkpoint, find_last_checkpoint
+from trd_lightning.rollout.sleep import SleepSettingsError
 from trd_lightning.teachers import TeacherSetupError
 
 
@@ -195,6 +197,9 @@ class TRDCLI(LightningCLI):
         return trainer
 
     def before_fit(self):
+        spec = getattr(self.model, "student_spec", None)
+        if spec is not None:  # refused before validation computes anything
+            check_precision_settings(self.trainer.precision, spec.dtype, spec.lora is not None)
         if self.config.fit.get("validate_before_fit") and not self.config.fit.get("ckpt_path"):
             self.datamodule.setup("fit")  # read and check the training data too, before validation computes anything
             self.trainer.validate(self.model, datamodule=self.datamodule)
@@ -238,7 +243,7 @@ def main(args: list[str] | None = None) -> None:
         TRDCLI(args=args)
     except SIGTERMException:
         sys.exit("trd: stopped by SIGTERM after a checkpoint (last.ckpt); resume with --ckpt_path last")
-    except (DataError, CheckpointError, SettingsError, TeacherSetupError) as error:  # the message is the whole story
+    except (DataError, CheckpointError, SettingsError, TeacherSetupError, PrecisionError, SleepSettingsError) as error:  # the whole story
         sys.exit(f"trd: error: {error}")
     except ResumableError as error:  # a teacher server stayed down: nothing of the run is lost
         saved = f"saved {error.checkpoint}; once it is back, resume with --ckpt_path last" if error.checkpoint else "nothing was saved"

@@ -163,9 +163,9 @@ class Divergence:
         if tokens == 0:
             raise ValueError("the batch has no target tokens to train on")
         if self.reduction == "token":
-            return torch.full((int(lengths.sum()),), 1.0 / tokens, device=device)
+            return torch.full((int(lengths.sum()),), 1.0 / tokens, dtype=torch.float32, device=device)
         sequences = int((lengths > 0).sum()) if sequences is None else sequences
-        per_sequence = 1.0 / (lengths.clamp(min=1) * sequences)
+        per_sequence = 1.0 / (lengths.clamp(min=1).to(torch.float32) * sequences)
         return per_sequence.repeat_interleave(lengths)
 
     # -- the math, on one chunk of logits ---------------------------------------------------

@@ -31,7 +31,7 @@ def head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
 @torch.no_grad()
 def token_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_size: int = 256) -> tuple[Tensor, Tensor]:
     """A model's log-probability of each target and its log-normaliser at each of N positions, a chunk at a time."""
-    logprobs, lse = torch.empty(len(targets), device=hidden.device), torch.empty(len(targets), device=hidden.device)
+    logprobs, lse = (torch.empty(len(targets), dtype=torch.float32, device=hidden.device) for _ in range(2))
     for start in range(0, len(targets), chunk_size):
         rows = slice(start, start + chunk_size)
         logits = head_logits(hidden[rows], weight, bias)
@@ -44,7 +44,7 @@ def token_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Te
 def pivot_mass(hidden: Tensor, weight: Tensor, bias: Tensor | None, lse: Tensor, token_ids: Sequence[int]) -> Tensor:
     """The total probability on ``token_ids`` at each position: [N] (their logits only, over the given normalisers)."""
     if not token_ids:
-        return torch.zeros(len(lse), device=lse.device)
+        return torch.zeros(len(lse), dtype=torch.float32, device=lse.device)
     index = torch.as_tensor(list(token_ids), device=weight.device)
     return (head_logits(hidden, weight[index], None if bias is None else bias[index]) - lse[:, None]).exp().sum(-1)
 
@@ -98,7 +98,7 @@ class SparseScores:
     def pivot_mass(self, token_ids: Sequence[int], lse: Tensor | None = None) -> Tensor:
         """The mass on ``token_ids`` among the top-k: a lower bound (what lies outside the top-k is not sent)."""
         if not token_ids:
-            return torch.zeros(len(self), device=self.ids.device)
+            return torch.zeros(len(self), dtype=torch.float32, device=self.ids.device)
         wanted = torch.isin(self.ids, torch.as_tensor(list(token_ids), device=self.ids.device))
         return (self.logprobs.exp() * wanted).sum(-1)
 

@@ -54,11 +54,11 @@ class Scorer:
     def student_logprobs(self, contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> Tensor:
         """The student's log-probabilities (temperature 1, eval mode) of every target token, concatenated in row order."""
         weight, bias = output_head(self.student)
-        found: list[Tensor] = [torch.empty(0)] * len(targets)
+        found: list[Tensor] = [torch.empty(0, dtype=torch.float32)] * len(targets)
         with evaluating(self.student):
             for rows, inputs in self.batcher.inputs(contexts, targets, self.packs(STUDENT)):
                 hidden = last_hidden_at(self.student, inputs.to(self.batcher.device))
                 logprobs, _ = token_stats(hidden, weight, bias, inputs.input_ids[inputs.target_mask].to(self.batcher.device), self.chunk_size)
                 for row, values in zip(rows, logprobs.split([len(targets[r]) for r in rows])):
                     found[row] = values
-        return torch.cat(found) if found else torch.empty(0)
+        return torch.cat(found) if found else torch.empty(0, dtype=torch.float32)

@@ -183,7 +183,7 @@ def step_metrics(record: StepRecord, threshold: float, target_name: str) -> dict
         out["train/loss"] = totals["loss"]
         out["train/target_tokens"] = totals["target_tokens"]
         values = record.token_values("divergence")
-        p50, p95, p99 = torch.quantile(values, torch.tensor([0.5, 0.95, 0.99])).tolist()
+        p50, p95, p99 = torch.quantile(values, torch.tensor([0.5, 0.95, 0.99], dtype=values.dtype)).tolist()
         out.update({"train/divergence_p50": p50, "train/divergence_p95": p95, "train/divergence_p99": p99,
                     "train/divergence_max": float(values.max()), "train/clip_fraction": float(record.token_values("clipped").mean())})
         stats = trajectory_stats(torch.tensor(rows["micro_batch_target_length"], dtype=torch.long), record.token_values("teacher_logprob"),
