@@ -97,3 +97,34 @@ def test_two_training_steps_through_the_cli_with_weight_sync(method, tmp_path):
     assert [s for s, _ in logged["rollout/logprob_gap_max"]] == [0, 1]  # step 1 samples from the weights step 0 changed
     assert all(v < 1e-3 for _, v in logged["rollout/logprob_gap_max"])
     assert all(v > 0 for _, v in logged["refine/refined_fraction"])  # the teacher generated y_r through its own engine
+
+
+def test_an_engine_built_inside_lightnings_contexts_samples_what_one_built_outside_does():
+    """Lightning starts the student's engine under validation's inference mode and the teacher's inside a step where
+    bf16-true sets bf16 as the default dtype; the engine is built as in a plain script all the same."""
+    torch.manual_seed(0)
+    module = DistillationModule(student=ModelSpec(path="demo:student"), teacher=SeparateTeacher(ModelSpec(path="demo:teacher")),
+                                engine=VLLMEngine())
+    module.configure_model()
+    prompts = [module.tokenizer.encode(f"{i}+{i}=") for i in range(8)]
+    plain = module.engine
+    plain.sync_weights(STUDENT, module.student)
+    expected = plain.generate(STUDENT, module.student, prompts, GREEDY).token_ids
+    plain.teardown()
+
+    inside = VLLMEngine()
+    inside.setup(module.tokenizer, module.stop_ids, module.placement())
+    default = torch.get_default_dtype()
+    try:
+        with torch.inference_mode():
+            torch.set_default_dtype(torch.bfloat16)
+            inside.sync_weights(STUDENT, module.student)  # starts the engine here
+            assert torch.get_default_dtype() == torch.bfloat16  # the trainer's state is left as it was
+        torch.set_default_dtype(torch.float32)
+        with torch.no_grad():
+            inside.sync_weights(STUDENT, module.student)  # a later sync, outside inference mode, updates its weights
+        torch.set_default_dtype(torch.bfloat16)
+        assert inside.generate(STUDENT, module.student, prompts, GREEDY).token_ids == expected
+    finally:
+        torch.set_default_dtype(default)
+        inside.teardown()
