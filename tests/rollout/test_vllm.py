@@ -128,3 +128,47 @@ def test_an_engine_built_inside_lightnings_contexts_samples_what_one_built_outsi
     finally:
         torch.set_default_dtype(default)
         inside.teardown()
+
+
+def _rank_of_two(rank: int, port: int, results) -> None:
+    """One of two gloo processes: its engine joins the process group as vLLM's torchrun-style launcher would."""
+    import os
+
+    import torch.distributed as dist
+
+    from trd_lightning.models import load_model, load_tokenizer, stop_token_ids
+    from trd_lightning.reliability import RolloutRandomness
+    from trd_lightning.rollout import Placement
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    spec = ModelSpec(path="demo:student")
+    model, tokenizer = load_model(spec), load_tokenizer(spec)
+    engine = VLLMEngine()
+    engine.setup(tokenizer, stop_token_ids(tokenizer, model), Placement(rank=rank, world_size=2))
+    engine.sync_weights(STUDENT, model)  # starts the engine: a collective, both ranks at once
+    prompts = [tokenizer.encode(f"{i}+{i}=") for i in range(6)]
+    greedy = engine.generate(STUDENT, model, prompts, GREEDY).token_ids
+    hf = HFEngine()
+    hf.setup(tokenizer, engine.stop_ids)
+    torch.manual_seed(42)  # seed_everything: every rank alike
+    RolloutRandomness().before_rollout(rank)
+    sampled = engine.generate(STUDENT, model, prompts, Sampling(temperature=1.0, max_new_tokens=16)).token_ids
+    results[rank] = {"greedy_matches_hf": greedy == hf.generate(STUDENT, model, prompts, GREEDY).token_ids, "sampled": sampled,
+                     "backend": engine.engine_arguments(model, "")["distributed_executor_backend"]}
+    dist.barrier()
+
+
+def test_two_gloo_processes_each_run_their_own_engine_through_the_torchrun_launcher():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_rank_of_two, args=(port, results), nprocs=2)
+    assert [results[r]["backend"] for r in (0, 1)] == ["external_launcher"] * 2
+    assert results[0]["greedy_matches_hf"] and results[1]["greedy_matches_hf"]
+    assert results[0]["sampled"] != results[1]["sampled"]  # the same prompts, each rank's own noise
