@@ -43,8 +43,9 @@ def test_packed_forward_equals_each_sequence_alone_demo_qwen3():
 @pytest.mark.slow
 def test_packed_forward_equals_each_sequence_alone_smollm2_llama():
     model = load_model(SMOLLM2)
-    # 30 layers of fp32 rounding on logits up to ~36: 8.5e-5 apart at most (2.4e-6 of their range), probabilities 3e-6.
-    check_packing(model, model.config.vocab_size, logit_atol=1e-4)
+    # 30 layers of fp32 rounding on logits up to ~36: 8.5e-5 to 1.05e-4 apart at most (under 3e-6 of their range;
+    # seen to vary between runs of the same machine), probabilities 3e-6. A leak across sequences is off by O(1).
+    check_packing(model, model.config.vocab_size, logit_atol=2e-4)
 
 
 def test_a_model_that_mixes_packed_sequences_is_caught(student_dir):

@@ -167,7 +167,7 @@ def test_degenerate_rollouts_are_survived_and_logged(tmp_path, monkeypatch):
 
     # Every rollout ends at once: the stop token is the whole rollout; training goes on, on that token.
     original_setup = HFEngine.setup
-    monkeypatch.setattr(HFEngine, "setup", lambda self, tok, stops: original_setup(self, tok, set(range(259))))
+    monkeypatch.setattr(HFEngine, "setup", lambda self, tok, stops, *rest: original_setup(self, tok, set(range(259)), *rest))
     main(fit_args("opd", tmp_path, "eos", 2))
     monkeypatch.undo()
     logged = scalars(tmp_path / "eos/version_0")
