@@ -83,3 +83,25 @@ def test_engine_logprobs_are_the_models(tokenizer, model, prompts):
         logits = model(input_ids=torch.tensor([ids])).logits[0].float()
     expected = logits.log_softmax(-1)[len(prompts[0]) - 1: -1].gather(-1, torch.tensor(out.token_ids[0])[:, None]).squeeze(-1)
     torch.testing.assert_close(torch.tensor(out.logprobs[0]), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_engine_logprobs_hold_for_every_row_of_a_padded_batch_without_keeping_the_logits(tokenizer, model, prompts, monkeypatch):
+    """Several prompts of different lengths (left padding), two samples each, rows that stop early: each sampled
+    token's raw log-probability equals a fresh forward's, and ``generate`` is never asked for its logits."""
+    from transformers import GenerationMixin
+
+    asked = []
+    generate = GenerationMixin.generate
+    monkeypatch.setattr(GenerationMixin, "generate", lambda self, *a, **k: asked.append(k["generation_config"].output_logits)
+                        or generate(self, *a, **k))
+    engine = engine_for(tokenizer, {tokenizer.eos_token_id}, return_logprobs=True)
+    torch.manual_seed(1)
+    out = engine.generate("student", model, prompts, Sampling(temperature=0.8, top_k=5, max_new_tokens=12, n=2))
+    assert asked and not any(asked)
+    for row, (index, ids) in enumerate(zip(out.prompt_index, out.token_ids)):
+        context = prompts[index]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([context + ids])).logits[0].float()
+        expected = logits.log_softmax(-1)[len(context) - 1: -1].gather(-1, torch.tensor(ids)[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(out.logprobs[row]), expected, atol=1e-4, rtol=1e-4)
+    assert len({len(p) for p in prompts}) > 1  # left padding in play

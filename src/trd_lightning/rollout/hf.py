@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -18,8 +19,8 @@ class HFEngine(RolloutEngine):
     Args:
         batch_size: the most sequences (prompts x ``sampling.n``) one ``generate`` call decodes together (> 0).
         return_logprobs: also return each sampled token's log-probability under the model's raw distribution
-            (temperature 1, before any sampling filter), which a ``logprob_guard`` can check; costs memory: each
-            ``generate`` call keeps its [sequences, tokens, vocab] logits.
+            (temperature 1, before any sampling filter), which a ``logprob_guard`` can check; costs one
+            [sequences, vocab] buffer per ``generate`` call (``SampledLogprobs``), never the whole logits.
     """
 
     def __init__(self, batch_size: int = 64, return_logprobs: bool = False):
@@ -44,7 +45,6 @@ class HFEngine(RolloutEngine):
             pad_token_id=self.tokenizer.pad_token_id,
             use_cache=True,
             return_dict_in_generate=True,
-            output_logits=self.return_logprobs,
         )
         token_ids, truncated, logprobs = [], [], []
         with torch.no_grad(), evaluating(model):
@@ -75,11 +75,49 @@ class HFEngine(RolloutEngine):
             attention_mask[row, width - len(prompt):] = 1
         # A sharded model gathers weights in every forward: all ranks must run as many, until every rank is done.
         synced = is_sharded(model) and distributed()
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config,
-                             synced_gpus=synced)
+        with SampledLogprobs(base_model(model)) if self.return_logprobs else nullcontext() as recorder:
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config,
+                                 synced_gpus=synced)
         generated = out.sequences[:, width:]
         result = {"tokens": generated.tolist()}
-        if config.output_logits:
-            logits = torch.stack(out.logits, dim=1).float()  # [B, T, V], before any sampling filter
-            result["logprobs"] = logits.log_softmax(-1).gather(-1, generated[..., None]).squeeze(-1).tolist()
+        if recorder is not None:
+            result["logprobs"] = recorder.result(generated).tolist()
         return result
+
+
+class SampledLogprobs:
+    """Each sampled token's log-probability under the model's raw logits, from one [B, V] buffer.
+
+    ``generate`` can return every step's logits ([B, T, V]: 637 GB at 64 x 16k tokens of a 152k vocabulary) only to
+    have one entry of each row read. Instead a forward hook keeps the last position's log-normalised raw logits
+    (before temperature, top-p or top-k), and the next forward's input, the token sampled from them, picks its
+    entry; the last step's token is picked once generation ends.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model, self.pending, self.values = model, None, []
+
+    def __enter__(self):
+        self.handles = [self.model.register_forward_pre_hook(self.before, with_kwargs=True),
+                        self.model.register_forward_hook(self.after, with_kwargs=True)]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+    def before(self, module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if self.pending is not None and ids is not None:  # a decoding step: its input is the token just sampled
+            self.values.append(self.pending.gather(-1, ids[:, -1:].to(self.pending.device)).squeeze(-1))
+            self.pending = None
+
+    def after(self, module, args, kwargs, output):
+        self.pending = output.logits[:, -1, :].float().log_softmax(-1)
+
+    def result(self, generated: torch.Tensor) -> torch.Tensor:
+        """[B, T]: the log-probability of each generated token (after a row's stop token, of its padding: unused)."""
+        if self.pending is not None:
+            self.values.append(self.pending.gather(-1, generated[:, -1:].to(self.pending.device)).squeeze(-1))
+        steps = generated.shape[1]  # a synced (sharded) generate may run more forwards than this rank generated
+        return torch.stack(self.values[:steps], dim=1).cpu() if steps else torch.zeros(generated.shape[0], 0)
