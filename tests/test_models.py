@@ -8,7 +8,7 @@ import torch
 
 from tests.conftest import SMOLLM2, TINY, fit_args, lora_model, scalars
 from trd_lightning.cli import main
-from trd_lightning.models import ModelSpec, hf_state_dict, last_hidden_at, load_model, output_head, packs_correctly
+from trd_lightning.models import ModelSpec, hf_state_dict, last_hidden_at, load_model, output_head, packs_correctly, packs_sequences
 from trd_lightning.views import pack
 
 
@@ -98,3 +98,13 @@ def test_the_chatml_fallback_serves_a_tokenizer_without_a_template(bad_files, tm
     main(fit_args("opd", tmp_path, "chatml", 1, f"--model.init_args.student.tokenizer={bad_files['bare_tokenizer']}",
                   "--model.init_args.student.chat_template=chatml"))
     assert scalars(tmp_path / "chatml/version_0")["train/loss"]
+
+
+@pytest.mark.slow
+def test_flex_attention_packs_under_auto_and_each_sequence_comes_out_as_alone():
+    """torch's flex_attention needs no package beyond torch: ``packing: auto`` packs under it, and the packed logits
+    equal each sequence's alone (the first call compiles the kernel: tens of seconds on a CPU)."""
+    model = load_model(ModelSpec(path="demo:student", attn_implementation="flex_attention"))
+    check_packing(model, TINY["vocab_size"])
+    assert packs_sequences(model, "auto", "cpu", "student")
+    assert not packs_sequences(load_model(ModelSpec(path="demo:student")), "auto", "cpu", "student")  # sdpa pads

@@ -56,8 +56,8 @@ class ModelSpec:
         dtype: the weights' dtype: float32, bfloat16 or float16.
         trust_remote_code: allow the model directory's own modelling code.
         chat_template: a Jinja chat template (text, a file, or ``chatml``) for tokenizers that lack one.
-        attn_implementation: transformers' attention kernel (``sdpa``, ``eager``, ``flash_attention_2``); varlen
-            kernels let micro-batches be packed without padding.
+        attn_implementation: transformers' attention kernel (``sdpa``, ``eager``, ``flex_attention``,
+            ``flash_attention_2``); flex_attention (torch's own) and flash-attention pack micro-batches without padding.
         gradient_checkpointing: recompute activations in the backward pass (less memory, more compute).
         lora: train LoRA adapters instead of all weights (``LoRA``: rank, alpha, dropout, target modules).
         extra: more ``from_pretrained`` keyword arguments.
@@ -372,12 +372,15 @@ def packs_correctly(model: nn.Module, device, vocab: int) -> bool:
     return bool(gap <= tolerance * alone.float().abs().max().clamp(min=1.0))
 
 
-VARLEN_ATTENTION = ("flash_attention", "flash-attn")  # attention kernels that take packed sequences as they are
+# Attention that costs a packed row what its sequences cost alone: flash-attention's varlen kernels, and torch's
+# flex_attention, for which transformers builds a block-sparse mask from the restarting position ids (no package
+# beyond torch, so it packs on a cluster without network too).
+VARLEN_ATTENTION = ("flash_attention", "flash-attn", "flex_attention")
 
 
 def packs_sequences(model: nn.Module, packing: str, device, role: str) -> bool:
     """Whether ``role``'s micro-batches go into one row without padding. ``packing: auto`` packs where the attention
-    has varlen kernels (flash-attention), which cost each sequence what it costs alone; sdpa and eager attention
+    has varlen kernels (flash-attention, flex_attention), which cost each sequence what it costs alone; sdpa and eager attention
     would compute the whole packed row as one masked square, so there the micro-batches are right-padded, sorted by
     length. Packing is used only once the model is seen to keep packed sequences apart (a forward: every rank)."""
     from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -390,7 +393,7 @@ def packs_sequences(model: nn.Module, packing: str, device, role: str) -> bool:
                        "its micro-batches are right-padded instead")
     elif not wanted and packing == "auto":
         rank_zero_info(f"the {role} model's attention ({attention!r}) has no varlen kernel: its micro-batches are right-padded, "
-                       "sorted by length (attn_implementation: flash_attention_2 packs them without padding)")
+                       "sorted by length (attn_implementation: flex_attention packs them without padding)")
     return works
 
 

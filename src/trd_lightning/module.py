@@ -123,7 +123,8 @@ class DistillationModule(DistillationEvaluation, LightningModule):
             counted in the model with the longer context) are grouped up to it, longest first; a longer sequence
             goes alone. Null puts the whole step in one micro-batch.
         packing: ``auto`` puts each micro-batch's sequences into one row without padding (position ids restart per
-            sequence) where the attention has varlen kernels (``attn_implementation: flash_attention_2``), and
+            sequence) where the attention has varlen kernels (``attn_implementation: flex_attention``, torch's own, or
+            ``flash_attention_2``), and
             right-pads micro-batches of length-sorted sequences elsewhere (sdpa and eager attention would compute a
             packed row as one masked square); ``always`` packs with any attention, ``never`` always pads. A model
             seen to let packed sequences attend to each other is padded instead.
