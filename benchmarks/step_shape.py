@@ -5,6 +5,7 @@ micro-batch holds in memory, and the step time, old shape (one micro-batch per r
     python benchmarks/step_shape.py padding                       # the paper's length distribution, no model
     python benchmarks/step_shape.py memory                        # SmolLM2-135M forward+backward, peak RSS
     python benchmarks/step_shape.py step-time                     # the demo TRD config, 32 rollouts per step
+    python benchmarks/step_shape.py packing                       # padded sdpa against packed flex_attention (forward)
     python benchmarks/step_shape.py all
 
 Run it on an idle machine: a second busy process slows 2-thread torch by large factors. Each section prints
@@ -266,9 +267,37 @@ def step_time(steps: int = 6) -> None:
           f"new shape (one call of 32, micro-batches under 4,096 tokens) {new * 1000:.0f} ms: {old / new:.2f}x", flush=True)
 
 
+# -- packing: padded sdpa against packed flex_attention -----------------------------------------------------------
+def packing(repeats: int = 5) -> None:
+    """One micro-batch of 32 long-tailed sequences through the demo student, right-padded under sdpa (what
+    ``packing: auto`` does there) against packed into one row under flex_attention, and flex's compile warm-up (its
+    first call). Forward passes without grad (the teacher's, and the scoring passes'): flex_attention has no backward
+    on CPUs (torch 2.13), so the student trains under it only on GPUs."""
+    from trd_lightning.models import ModelSpec, last_hidden_at, load_model
+    from trd_lightning.views import pack
+
+    generator = torch.Generator().manual_seed(0)
+    lengths = (400 * torch.rand(32, generator=generator) ** 2).long().clamp(min=4).tolist()  # long-tailed, as rollouts are
+    sequences = [torch.randint(0, 200, (n + 16,), generator=generator).tolist() for n in lengths]  # within the demo vocabulary
+    contexts, targets = [s[:16] for s in sequences], [s[16:] for s in sequences]
+    real = sum(len(s) for s in sequences)
+    for attention, packed in (("sdpa", False), ("flex_attention", True)):
+        model = load_model(ModelSpec(path="demo:student", attn_implementation=attention)).eval()
+        inputs = pack(contexts, targets, 0, packed=packed)
+        times = []
+        with torch.no_grad():
+            for _ in range(repeats + 1):  # the first is warm-up (flex compiles its kernel there)
+                start = time.perf_counter()
+                last_hidden_at(model, inputs)
+                times.append(time.perf_counter() - start)
+        print(f"packing, {attention} {'packed' if packed else 'right-padded'}: real/processed tokens "
+              f"{real / inputs.processed_tokens:.3f}, {1000 * statistics.median(times[1:]):.0f} ms per forward "
+              f"(median of {repeats}), first call {1000 * times[0]:.0f} ms", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("section", choices=["rollouts", "trainer-phases", "padding", "memory", "step-time", "all", "memory-child"])
+    parser.add_argument("section", choices=["rollouts", "trainer-phases", "padding", "memory", "step-time", "packing", "all", "memory-child"])
     parser.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     parser.add_argument("--mode", default="step")
     parser.add_argument("--budget", type=int, default=1024)
@@ -286,6 +315,8 @@ def main() -> None:
         step_time()
     if opts.section in ("memory", "all"):
         memory(opts.budget)
+    if opts.section in ("packing", "all"):
+        packing()
     if opts.section in ("rollouts", "all"):
         rollouts(opts.engine)
 

@@ -108,3 +108,13 @@ def test_flex_attention_packs_under_auto_and_each_sequence_comes_out_as_alone():
     check_packing(model, TINY["vocab_size"])
     assert packs_sequences(model, "auto", "cpu", "student")
     assert not packs_sequences(load_model(ModelSpec(path="demo:student")), "auto", "cpu", "student")  # sdpa pads
+
+
+def test_a_flex_attention_student_is_refused_on_a_cpu_naming_the_fix():
+    from trd_lightning.module import DistillationModule, SettingsError
+    from trd_lightning.teachers import SeparateTeacher
+
+    module = DistillationModule(student=ModelSpec(path="demo:student", attn_implementation="flex_attention"),
+                                teacher=SeparateTeacher(ModelSpec(path="demo:teacher", attn_implementation="flex_attention")))
+    with pytest.raises(SettingsError, match="no backward pass on CPUs; set student.attn_implementation: sdpa"):
+        module.configure_model()

@@ -34,6 +34,7 @@ from trd_lightning.micro_batches import MicroBatcher
 from trd_lightning.models import (
     ModelSpec,
     Sharding,
+    base_model,
     check_plain_head,
     export_hf,
     last_hidden_at,
@@ -78,6 +79,14 @@ def check_trainer(trainer) -> None:
             f"trainer.gradient_clip_val={trainer.gradient_clip_val} does not apply: the module runs its own optimizer step. "
             f"Set model.init_args.gradient_clip_val: {trainer.gradient_clip_val} instead (and gradient_clip_algorithm there)"
         )
+
+
+def check_trainable_attention(model, device: torch.device) -> None:
+    """flex_attention has no backward pass on CPUs (torch 2.13 refuses it at the first backward): refuse it for the
+    trained model there before any step runs. (A teacher, which runs without grad, may use it anywhere.)"""
+    if "flex" in str(base_model(model).config._attn_implementation) and device.type == "cpu":
+        raise SettingsError("the student's attn_implementation is flex_attention, which has no backward pass on CPUs; set "
+                            "student.attn_implementation: sdpa to train on a CPU (flex_attention packs without padding on GPUs)")
 
 
 def check_arguments(max_context_tokens: int, max_tokens_per_micro_batch: int | None, gradient_clip_val: float | None, packing: str,
@@ -237,6 +246,7 @@ class DistillationModule(DistillationEvaluation, LightningModule):
             return
         self.student = load_model(self.student_spec)
         check_plain_head(self.student, "student")
+        check_trainable_attention(self.student, self.placement_device())
         self.check_sampling(vocab_size(self.student))
         self.stop_ids = stop_token_ids(self.tokenizer, self.student)
         self.engine.setup(self.tokenizer, self.stop_ids, self.placement(), self.sync_every)
@@ -248,6 +258,9 @@ class DistillationModule(DistillationEvaluation, LightningModule):
             self.sharding.apply(self.student, mesh)
             self.teacher.shard(self.sharding, mesh)
         exclude_reloadable_teacher(self, "teacher_model", self.teacher)
+
+    def placement_device(self) -> torch.device:
+        return self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
 
     def placement(self) -> Placement:
         """This process's place among the trainer's, its device and compute dtype, for the rollout engine."""
