@@ -10,7 +10,7 @@ import torch
 from trd_lightning.models import ModelSpec, load_model
 from trd_lightning.module import DistillationModule
 from trd_lightning.reliability import RolloutRandomness
-from trd_lightning.rollout import Placement, VLLMEngine
+from trd_lightning.rollout import EngineMemory, Placement, VLLMEngine
 from trd_lightning.rollout.sleep import SleepSettingsError
 from trd_lightning.rollout.vllm import launcher_environment, request_seeds
 from trd_lightning.teachers import SelfTeacher, SeparateTeacher
@@ -21,10 +21,10 @@ def student():
     return load_model(ModelSpec(path="demo:student"))
 
 
-def arguments(student, placement: Placement, **options) -> dict:
+def arguments(model, placement: Placement, role: str = "student", **options) -> dict:
     engine = VLLMEngine(**options)
     engine.setup(None, set(), placement)
-    return engine.engine_arguments(student, "/tmp/architecture")
+    return engine.engine_arguments(model, "/tmp/architecture", role)
 
 
 def test_each_rank_of_eight_gets_its_own_device_through_the_torchrun_launcher(student):
@@ -32,7 +32,7 @@ def test_each_rank_of_eight_gets_its_own_device_through_the_torchrun_launcher(st
     its own device in LOCAL_RANK (the trainer's, even where devices are not numbered by rank)."""
     for rank in range(8):
         placement = Placement(rank=rank, world_size=8, device_index=rank, compute_dtype="bfloat16")
-        args = arguments(student, placement, gpu_memory_utilization=0.4, sleep=True)
+        args = arguments(student, placement, student=EngineMemory(gpu_memory_utilization=0.4), sleep=True)
         assert args["distributed_executor_backend"] == "external_launcher"
         assert args["seed"] == rank
         assert args["dtype"] == "bfloat16"  # the trainer's compute dtype, not the fp32 master weights'
@@ -50,7 +50,24 @@ def test_two_gloo_processes_on_cpu_and_one_process_keep_their_own_settings(stude
     assert all(a["max_num_batched_tokens"] == 131072 for a in two)
     one = arguments(student, Placement(), sleep=True)
     assert "distributed_executor_backend" not in one and one["dtype"] == "float32"
+    assert one["enforce_eager"] is True  # auto: eager on a CPU
     assert arguments(student, Placement(), dtype="bfloat16")["dtype"] == "bfloat16"
+
+
+def test_each_role_has_its_own_memory_and_longest_sequence_and_gpus_compile_by_default(student):
+    engine = dict(student=EngineMemory(kv_cache_memory_bytes=10 * 2**30, max_model_len=18432),
+                  teacher=EngineMemory(kv_cache_memory_bytes=20 * 2**30, max_model_len=36864))
+    gpu = Placement(device_index=0, compute_dtype="bfloat16")
+    own, teachers = arguments(student, gpu, "student", **engine), arguments(student, gpu, "teacher", **engine)
+    assert (own["kv_cache_memory_bytes"], own["max_model_len"]) == (10 * 2**30, 18432)
+    assert (teachers["kv_cache_memory_bytes"], teachers["max_model_len"]) == (20 * 2**30, 36864)
+    assert "gpu_memory_utilization" not in own  # an explicit cache size replaces the share
+    assert own["enforce_eager"] is False  # auto: torch.compile and CUDA graphs on a GPU
+    assert arguments(student, gpu, enforce_eager=True)["enforce_eager"] is True
+    with pytest.raises(ValueError, match="gpu_memory_utilization must be in"):
+        EngineMemory(gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="enforce_eager must be true, false or auto"):
+        VLLMEngine(enforce_eager="sometimes")
 
 
 def test_ranks_draw_different_request_seeds_and_a_resumed_rank_draws_the_uninterrupted_ones():

@@ -16,13 +16,15 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 
 from trd_lightning.models import base_model, hf_state_dict
-from trd_lightning.rollout.base import RolloutEngine, Rollouts, Sampling, split_completion
+from trd_lightning.rollout.base import STUDENT, RolloutEngine, Rollouts, Sampling, split_completion
 from trd_lightning.rollout.sleep import ProcessSleep
 
 
@@ -52,6 +54,38 @@ def plain_torch_state() -> Iterator[None]:
         torch.set_default_dtype(default)
 
 
+@dataclass
+class EngineMemory:
+    """What one engine (the student's, or the teacher's) may hold on its GPU, and the longest sequence it serves.
+
+    Args:
+        gpu_memory_utilization: the share of the GPU's memory this engine may use for its weights, activations and KV
+            cache, in (0, 1); ignored where ``kv_cache_memory_bytes`` is set, and on CPUs.
+        kv_cache_memory_bytes: the engine's KV cache in bytes, instead of a share of the GPU (vLLM's own setting: no
+            profiling, the same on every rank); null: from ``gpu_memory_utilization``. Ignored on CPUs.
+        max_model_len: the longest sequence (prompt + completion, in tokens) the engine serves; null: the model
+            config's. The teacher's refine sequences (problem, attempt, rewrite) are about twice the student's.
+    """
+
+    gpu_memory_utilization: float = 0.3
+    kv_cache_memory_bytes: int | None = None
+    max_model_len: int | None = None
+
+    def __post_init__(self):
+        if not 0 < self.gpu_memory_utilization < 1:
+            raise ValueError(f"VLLMEngine gpu_memory_utilization must be in (0, 1) (got {self.gpu_memory_utilization})")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError(f"VLLMEngine kv_cache_memory_bytes must be > 0, or null (got {self.kv_cache_memory_bytes})")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ValueError(f"VLLMEngine max_model_len must be > 0, or null (got {self.max_model_len})")
+
+    def arguments(self) -> dict:
+        """vLLM's arguments for this memory on a GPU."""
+        if self.kv_cache_memory_bytes is not None:
+            return {"kv_cache_memory_bytes": self.kv_cache_memory_bytes}
+        return {"gpu_memory_utilization": self.gpu_memory_utilization}
+
+
 class VLLMEngine(RolloutEngine):
     """vLLM engines in this process, one per role (student, teacher), synced from the trainer's modules.
 
@@ -59,16 +93,15 @@ class VLLMEngine(RolloutEngine):
     reproducible, and its per-rank fork makes ranks sample differently.
 
     Args:
-        gpu_memory_utilization: each engine's share of the GPU's memory, in (0, 1) (the trainer's models need the
-            rest); ignored on CPU.
+        student: the student's engine memory and longest sequence (``EngineMemory``); the trainer's models need the
+            rest of the GPU.
+        teacher: the same for a teacher's engine (TRD's rewrites: longer sequences, a larger model).
         cpu_kvcache_gb: on CPU, the KV cache size in GiB (``VLLM_CPU_KVCACHE_SPACE``, unless that is already set in
             the environment); ignored on GPUs.
-        max_model_len: the longest sequence (prompt + completion, in tokens) an engine serves; null: vLLM's default,
-            from the model's config.
         dtype: the engine's compute dtype; ``auto``: the trainer's (bfloat16 under ``bf16-mixed``, the model's own
             dtype under ``32-true``). Weights are sent in it.
-        enforce_eager: run vLLM's model in eager mode, without CUDA graphs (a faster start, usually slower decoding);
-            false lets vLLM capture CUDA graphs.
+        enforce_eager: run vLLM's model in eager mode, without torch.compile and CUDA graphs (a faster start, slower
+            decoding: a small model's decode is launch-bound); ``auto``: eager on CPUs, compiled with graphs on GPUs.
         sleep: on GPUs, free the engines' memory (vLLM sleep mode) once a step's generation is done, so the trainer
             has the GPU to itself for the training step. Ignored on CPU.
         sleep_level: 2 discards the weights (for an engine reloaded every step), 1 keeps them in host memory; null
@@ -80,20 +113,19 @@ class VLLMEngine(RolloutEngine):
 
     def __init__(
         self,
-        gpu_memory_utilization: float = 0.3,
+        student: EngineMemory | None = None,
+        teacher: EngineMemory | None = None,
         cpu_kvcache_gb: int = 1,
-        max_model_len: int | None = None,
         dtype: str = "auto",
-        enforce_eager: bool = True,
+        enforce_eager: bool | Literal["auto"] = "auto",
         sleep: bool = False,
         sleep_level: int | None = None,
         max_num_batched_tokens: int | None = None,
     ):
-        if not 0 < gpu_memory_utilization < 1:
-            raise ValueError(f"VLLMEngine gpu_memory_utilization must be in (0, 1) (got {gpu_memory_utilization})")
-        self.gpu_memory_utilization = gpu_memory_utilization
+        if enforce_eager not in (True, False, "auto"):
+            raise ValueError(f"VLLMEngine enforce_eager must be true, false or auto (got {enforce_eager!r})")
+        self.student, self.teacher = student or EngineMemory(), teacher or EngineMemory()
         self.cpu_kvcache_gb = cpu_kvcache_gb
-        self.max_model_len = max_model_len
         self.dtype = dtype
         self.enforce_eager = enforce_eager
         self.sleep = sleep
@@ -147,16 +179,20 @@ class VLLMEngine(RolloutEngine):
         stale-weights guard would then see in a fp32 run)."""
         return getattr(torch, self.dtype if self.dtype != "auto" else self.placement.compute_dtype)
 
-    def engine_arguments(self, model: nn.Module, folder: str) -> dict:
-        """``vllm.LLM``'s arguments for this process's engine of ``model`` (the architecture only: dummy weights until
-        the first sync; token ids in and out)."""
-        placement = self.placement
-        arguments = {"model": folder, "load_format": "dummy", "dtype": str(self.engine_dtype(model)).removeprefix("torch."),
-                     "enforce_eager": self.enforce_eager, "max_model_len": self.max_model_len, "seed": placement.rank,
-                     "skip_tokenizer_init": True}
+    def memory(self, role: str) -> EngineMemory:
+        return self.student if role == STUDENT else self.teacher
+
+    def engine_arguments(self, model: nn.Module, folder: str, role: str = STUDENT) -> dict:
+        """``vllm.LLM``'s arguments for this process's engine of ``model`` in ``role`` (the architecture only: dummy
+        weights until the first sync; token ids in and out)."""
+        placement, memory = self.placement, self.memory(role)
         on_gpu = placement.device_index is not None
+        eager = (not on_gpu) if self.enforce_eager == "auto" else self.enforce_eager
+        arguments = {"model": folder, "load_format": "dummy", "dtype": str(self.engine_dtype(model)).removeprefix("torch."),
+                     "enforce_eager": eager, "max_model_len": memory.max_model_len, "seed": placement.rank,
+                     "skip_tokenizer_init": True}
         if on_gpu:
-            arguments["gpu_memory_utilization"] = self.gpu_memory_utilization
+            arguments.update(memory.arguments())
         batched = self.max_num_batched_tokens or (None if on_gpu else 131072)
         if batched is not None:
             arguments["max_num_batched_tokens"] = batched
@@ -180,7 +216,7 @@ class VLLMEngine(RolloutEngine):
         folder = tempfile.TemporaryDirectory(prefix="trd_vllm_")
         self._folders.append(folder)
         base_model(model).config.save_pretrained(folder.name)
-        self.engines[role] = LLM(**self.engine_arguments(model, str(Path(folder.name))))
+        self.engines[role] = LLM(**self.engine_arguments(model, str(Path(folder.name)), role))
         if self.sleeps:
             self.sleeper.started(role, self.engines[role])
 
