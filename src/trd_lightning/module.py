@@ -29,6 +29,7 @@ from trd_lightning.diagnostics import DEFAULT_PIVOTS, diagnose_rewrites, pivot_t
 from trd_lightning.distributed import sum_over_ranks
 from trd_lightning.evaluation import DistillationEvaluation, check_answers
 from trd_lightning.losses import Divergence, DivergenceOutput
+from trd_lightning.memory_plan import RunShape, check_fits
 from trd_lightning.metrics import check_pass_k
 from trd_lightning.micro_batches import MicroBatcher
 from trd_lightning.models import (
@@ -49,7 +50,7 @@ from trd_lightning.optim import WarmupCosine, optimizer_and_schedule
 from trd_lightning.precision import check_precision_settings, check_trainable_float32, compute_dtype
 from trd_lightning.refiners import Identity, Refiner, Targets, TeacherAccess
 from trd_lightning.reliability import GracefulInterrupt, NonFiniteGuard, RolloutRandomness, SaveOnResumableError
-from trd_lightning.rollout import STUDENT, HFEngine, Placement, RolloutEngine, Rollouts, Sampling
+from trd_lightning.rollout import STUDENT, HFEngine, Placement, RolloutEngine, Rollouts, Sampling, VLLMEngine
 from trd_lightning.rollout.guard import LogprobGuard
 from trd_lightning.scores import TeacherScores
 from trd_lightning.scoring import Scorer
@@ -57,7 +58,7 @@ from trd_lightning.step_log import StepLog
 from trd_lightning.step_metrics import StepRecord, StepResult
 from trd_lightning.strategy import gradient_sync
 from trd_lightning.teachers import Teacher
-from trd_lightning.teachers.local import TEACHER, LocalTeacher, exclude_reloadable_teacher
+from trd_lightning.teachers.local import TEACHER, LocalTeacher, SelfTeacher, exclude_reloadable_teacher
 from trd_lightning.verifiers import ExactMatch, Verifier
 from trd_lightning.views import ChatPrompts, Views, build_views
 
@@ -271,6 +272,20 @@ class DistillationModule(DistillationEvaluation, LightningModule):
                          device_index=device.index if device.type == "cuda" else None,
                          compute_dtype=compute_dtype(self.trainer.precision, self.student))
 
+    def run_shape(self, device_bytes: int) -> RunShape:
+        """What the memory plan reads of this run: its models' specs, strategy, precision, budget and engines."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        teacher = getattr(self.teacher, "model", None)  # a separate teacher's spec
+        if isinstance(self.teacher, SelfTeacher) and self.teacher.frozen and self.student_spec.lora is None:
+            teacher = self.student_spec  # a frozen full copy of the student
+        engine = self.engine if isinstance(self.engine, VLLMEngine) else None
+        return RunShape(student=self.student_spec, teacher=teacher, precision=str(self.trainer.precision),
+                        teacher_engine=engine is not None and TEACHER in self.engine_roles() and self.refiner.rewrites,
+                        world_size=self.trainer.world_size, fsdp=isinstance(self.trainer.strategy, ModelParallelStrategy),
+                        max_tokens_per_micro_batch=self.max_tokens_per_micro_batch, chunk_size=self.divergence.chunk_size,
+                        engine=engine, device_bytes=device_bytes)
+
     def engine_roles(self) -> set[str]:
         """The roles the engine may serve: the student's, and a local teacher's with weights of its own (which
         generates rewrites, and its own solutions in ``test``)."""
@@ -300,6 +315,9 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         check_trainer(self.trainer)  # Lightning calls this before it checks the trainer itself, with a vaguer message
         if self.trainer.state.fn == "fit":  # evaluating in bf16-true is fine; training in it moves nothing
             check_precision_settings(self.trainer.precision, self.student_spec.dtype, self.student_spec.lora is not None)
+            device = self.trainer.strategy.root_device
+            if device.type == "cuda":  # before any weight loads: a run that cannot fit is refused, with the numbers
+                check_fits(self.run_shape(torch.cuda.get_device_properties(device).total_memory))
         if any(callback is self.nonfinite for callback in self.trainer.callbacks):
             return []  # a trainer entered again (fit after validate_before_fit) keeps what its first entry attached
         return [StepLog(self.verifier, self.disagreement_threshold, self.log_samples_every), self.nonfinite, GracefulInterrupt(),
