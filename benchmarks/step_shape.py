@@ -6,6 +6,7 @@ micro-batch holds in memory, and the step time, old shape (one micro-batch per r
     python benchmarks/step_shape.py memory                        # SmolLM2-135M forward+backward, peak RSS
     python benchmarks/step_shape.py step-time                     # the demo TRD config, 32 rollouts per step
     python benchmarks/step_shape.py packing                       # padded sdpa against packed flex_attention (forward)
+    python benchmarks/step_shape.py budget                        # max_tokens_per_micro_batch null against auto
     python benchmarks/step_shape.py all
 
 Run it on an idle machine: a second busy process slows 2-thread torch by large factors. Each section prints
@@ -47,6 +48,9 @@ PROBLEMS = [  # short math word problems, answers in \boxed{}
     "Mia has 3 times as many stickers as Leo. Together they have 64. How many does Leo have?",
     "A pool is filled at 12 liters per minute. How long does it take to fill 300 liters?",
 ]
+TINY_STUDENT = {"path": None, "tokenizer": "demo:tokenizer", "config": {  # random weights: rollouts of random lengths
+    "model_type": "qwen2", "vocab_size": 259, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 64, "tie_word_embeddings": True}}
 SAMPLING = dict(temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=128)
 
 
@@ -267,6 +271,38 @@ def step_time(steps: int = 6) -> None:
           f"new shape (one call of 32, micro-batches under 4,096 tokens) {new * 1000:.0f} ms: {old / new:.2f}x", flush=True)
 
 
+# -- the default budget: one padded micro-batch (null) against auto ----------------------------------------------
+def budget(steps: int = 3) -> None:
+    """``step/real_token_ratio`` and step time of the demo OPD and TRD configs (sdpa: right-padded micro-batches), batch
+    32 with up to 128 new tokens, under ``max_tokens_per_micro_batch: null`` (the whole step one micro-batch, the
+    old default) and ``auto`` (the new default: on a CPU, about 4 length-sorted micro-batches). The student is a tiny
+    random Qwen2 (the demo tokenizer), whose rollouts stop at random lengths as a real model's do; the demo's trained
+    student writes every chain at the same length, which hides padding."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def run(config: str, budget_value: str) -> tuple[float, float, float]:
+        with tempfile.TemporaryDirectory() as directory:
+            subprocess.run([sys.executable, "-m", "trd_lightning.cli", "fit", "--config", str(ROOT / f"configs/demo/{config}.yaml"),
+                            f"--trainer.max_steps={steps}", "--validate_before_fit=false", "--trainer.limit_val_batches=0",
+                            "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]",
+                            "--trainer.log_every_n_steps=1", f"--trainer.logger.init_args.save_dir={directory}",
+                            "--model.init_args.export_student=false", "--data.init_args.batch_size=32",
+                            "--model.init_args.sampling.max_new_tokens=128", f"--model.init_args.max_tokens_per_micro_batch={budget_value}",
+                            f"--model.init_args.student={json.dumps(TINY_STUDENT)}"],
+                           check=True, cwd=ROOT, capture_output=True)
+            events = EventAccumulator(str(next(Path(directory).glob("*/version_0"))))
+            events.Reload()
+            values = {tag: [e.value for e in events.Scalars(tag)] for tag in ("step/real_token_ratio", "step/micro_batches", "time/step")}
+            return (statistics.mean(values["step/real_token_ratio"]), statistics.mean(values["step/micro_batches"]),
+                    statistics.median(values["time/step"][1:]))
+
+    for config in ("opd", "trd"):
+        (old_ratio, old_count, old_s), (new_ratio, new_count, new_s) = run(config, "null"), run(config, "auto")
+        print(f"budget, demo {config.upper()} (batch 32, 128 new tokens): step/real_token_ratio {old_ratio:.3f} with null "
+              f"({old_count:.0f} micro-batch), {new_ratio:.3f} with auto ({new_count:.1f} micro-batches); step {old_s * 1000:.0f} "
+              f"vs {new_s * 1000:.0f} ms", flush=True)
+
+
 # -- packing: padded sdpa against packed flex_attention -----------------------------------------------------------
 def packing(repeats: int = 5) -> None:
     """One micro-batch of 32 long-tailed sequences through the demo student, right-padded under sdpa (what
@@ -297,7 +333,8 @@ def packing(repeats: int = 5) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("section", choices=["rollouts", "trainer-phases", "padding", "memory", "step-time", "packing", "all", "memory-child"])
+    parser.add_argument("section", choices=["rollouts", "trainer-phases", "padding", "memory", "step-time", "packing", "budget", "all",
+                                                    "memory-child"])
     parser.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     parser.add_argument("--mode", default="step")
     parser.add_argument("--budget", type=int, default=1024)
@@ -317,6 +354,8 @@ def main() -> None:
         memory(opts.budget)
     if opts.section in ("packing", "all"):
         packing()
+    if opts.section in ("budget", "all"):
+        budget()
     if opts.section in ("rollouts", "all"):
         rollouts(opts.engine)
 

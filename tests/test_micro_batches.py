@@ -51,3 +51,15 @@ def test_every_rank_runs_the_same_number_of_micro_batches():
     assert sorted(i for g in plans[1] for i in g) == [0, 1, 2]
     assert sum(1 for g in plans[1] if not g) == 2  # 3 sequences, 5 micro-batches: two filler passes
     assert sorted(i for g in plans[0] for i in g) == list(range(6))
+
+
+def test_auto_budget_splits_a_step_into_about_four_length_sorted_micro_batches():
+    from trd_lightning.micro_batches import auto_budget, plan_micro_batches
+
+    costs = [10, 400, 35, 120, 64, 64, 300, 12, 90, 250, 18, 40]
+    assert auto_budget(costs) == max(max(costs), -(-sum(costs) // 4)) == 401
+    groups = plan_micro_batches(costs, "auto", padded=True)
+    assert sorted(i for g in groups for i in g) == list(range(len(costs))) and 3 <= len(groups) <= 6
+    padded = sum(len(g) * max(costs[i] for i in g) for g in groups)
+    assert padded < len(costs) * max(costs)  # far less padding than one micro-batch of the whole step
+    assert auto_budget([5000, 3]) == 5000  # never below the longest sequence

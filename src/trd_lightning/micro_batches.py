@@ -62,9 +62,19 @@ def sorted_runs(costs: Sequence[int], budget: int) -> list[list[int]]:
     return [sorted(group) for group in groups]
 
 
-def plan_micro_batches(costs: Sequence[int], budget: int | None, agree: Callable[[int], int] = lambda n: n,
+AUTO_SPLIT = 4  # with no memory plan (CPUs), ``auto`` cuts a step into about this many micro-batches
+
+
+def auto_budget(costs: Sequence[int]) -> int:
+    """``max_tokens_per_micro_batch: auto`` where no memory plan sets it: a quarter of the step's tokens (at least
+    its longest sequence), so the step still splits into length-sorted micro-batches that pad little."""
+    return max(max(costs, default=1), -(-sum(costs) // AUTO_SPLIT))
+
+
+def plan_micro_batches(costs: Sequence[int], budget: int | str | None, agree: Callable[[int], int] = lambda n: n,
                        padded: bool = False) -> list[list[int]]:
-    """The step's micro-batches (lists of sequence indices). ``budget`` None puts everything in one.
+    """The step's micro-batches (lists of sequence indices). ``budget`` None puts everything in one; ``auto``: see
+    ``auto_budget``.
 
     ``agree(n)`` returns the maximum of ``n`` over ranks (identity in one process); every rank calls it the
     same number of times, so the returned count is the same on all of them. ``padded``: the micro-batches
@@ -72,6 +82,8 @@ def plan_micro_batches(costs: Sequence[int], budget: int | None, agree: Callable
     """
     if budget is None:
         return [list(range(len(costs)))]
+    if budget == "auto":
+        budget = auto_budget(costs)
     if budget <= 0:
         raise ValueError(f"max_tokens_per_micro_batch must be > 0 (got {budget})")
     if padded:
@@ -114,10 +126,10 @@ def plan_in_lockstep(costs_per_rank: Sequence[Sequence[int]], budget: int | None
 
 @dataclass
 class MicroBatcher:
-    """Cuts one step's sequences on this rank into micro-batches under ``max_tokens`` (None: one micro-batch), the
-    same count on every rank (``device`` carries the agreeing collective)."""
+    """Cuts one step's sequences on this rank into micro-batches under ``max_tokens`` (None: one micro-batch; ``auto``:
+    ``auto_budget``), the same count on every rank (``device`` carries the agreeing collective)."""
 
-    max_tokens: int | None
+    max_tokens: int | str | None
     pad_id: int
     device: torch.device
 

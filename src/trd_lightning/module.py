@@ -29,7 +29,7 @@ from trd_lightning.diagnostics import DEFAULT_PIVOTS, diagnose_rewrites, pivot_t
 from trd_lightning.distributed import sum_over_ranks
 from trd_lightning.evaluation import DistillationEvaluation, check_answers
 from trd_lightning.losses import Divergence, DivergenceOutput
-from trd_lightning.memory_plan import RunShape, check_fits
+from trd_lightning.memory_plan import PlanError, RunShape, check_fits, largest_budget_that_fits
 from trd_lightning.metrics import check_pass_k
 from trd_lightning.micro_batches import MicroBatcher
 from trd_lightning.models import (
@@ -90,13 +90,13 @@ def check_trainable_attention(model, device: torch.device) -> None:
                             "student.attn_implementation: sdpa to train on a CPU (flex_attention packs without padding on GPUs)")
 
 
-def check_arguments(max_context_tokens: int, max_tokens_per_micro_batch: int | None, gradient_clip_val: float | None, packing: str,
+def check_arguments(max_context_tokens: int, max_tokens_per_micro_batch: int | str | None, gradient_clip_val: float | None, packing: str,
                     gradient_clip_algorithm: str, disagreement_threshold: float, sync_every: int) -> None:
     """DistillationModule's numeric and named settings, refused with the accepted range before anything loads."""
     if max_context_tokens <= 0:
         raise ValueError(f"max_context_tokens must be > 0 (got {max_context_tokens})")
-    if max_tokens_per_micro_batch is not None and max_tokens_per_micro_batch <= 0:
-        raise ValueError(f"max_tokens_per_micro_batch must be > 0, or null for one micro-batch per step (got {max_tokens_per_micro_batch})")
+    if max_tokens_per_micro_batch not in (None, "auto") and not (isinstance(max_tokens_per_micro_batch, int) and max_tokens_per_micro_batch > 0):
+        raise ValueError(f"max_tokens_per_micro_batch must be > 0, auto, or null for one micro-batch per step (got {max_tokens_per_micro_batch!r})")
     if gradient_clip_val is not None and not gradient_clip_val > 0:
         raise ValueError(f"gradient_clip_val must be > 0, or null not to clip (got {gradient_clip_val})")
     if packing not in ("auto", "always", "never"):
@@ -131,13 +131,14 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         lr_schedule: warmup + cosine, stepped once per optimizer step; null keeps the learning rate constant.
         max_tokens_per_micro_batch: the token budget of one forward pass, per rank: sequences (context + target,
             counted in the model with the longer context) are grouped up to it, longest first; a longer sequence
-            goes alone. Null puts the whole step in one micro-batch.
+            goes alone. ``auto``: on GPUs the largest budget the memory plan says fits; elsewhere a quarter of the step's
+            tokens (at least its longest sequence), so the step still splits into length-sorted micro-batches. Null
+            puts the whole step in one micro-batch.
         packing: ``auto`` puts each micro-batch's sequences into one row without padding (position ids restart per
             sequence) where the attention has varlen kernels (``attn_implementation: flex_attention``, torch's own, or
-            ``flash_attention_2``), and
-            right-pads micro-batches of length-sorted sequences elsewhere (sdpa and eager attention would compute a
-            packed row as one masked square); ``always`` packs with any attention, ``never`` always pads. A model
-            seen to let packed sequences attend to each other is padded instead.
+            ``flash_attention_2``), and right-pads micro-batches of length-sorted sequences elsewhere (sdpa and eager
+            attention would compute a packed row as one masked square); ``always`` packs with any attention, ``never``
+            always pads. A model seen to let packed sequences attend to each other is padded instead.
         gradient_clip_val: clip the step's gradient norm (or values) to this; null does not clip. (The Trainer's
             ``gradient_clip_val`` does not apply: the module runs the optimizer step itself.)
         gradient_clip_algorithm: ``norm`` or ``value``.
@@ -185,7 +186,7 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         diagnostics_every: int = 10,
         max_consecutive_skips: int = 5,
         sharding: Sharding | None = None,
-        max_tokens_per_micro_batch: int | None = None,
+        max_tokens_per_micro_batch: int | Literal["auto"] | None = "auto",
         packing: Literal["auto", "always", "never"] = "auto",
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
@@ -283,7 +284,8 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         return RunShape(student=self.student_spec, teacher=teacher, precision=str(self.trainer.precision),
                         teacher_engine=engine is not None and TEACHER in self.engine_roles() and self.refiner.rewrites,
                         world_size=self.trainer.world_size, fsdp=isinstance(self.trainer.strategy, ModelParallelStrategy),
-                        max_tokens_per_micro_batch=self.max_tokens_per_micro_batch, chunk_size=self.divergence.chunk_size,
+                        max_tokens_per_micro_batch=None if self.max_tokens_per_micro_batch == "auto" else self.max_tokens_per_micro_batch,
+                        chunk_size=self.divergence.chunk_size,
                         engine=engine, device_bytes=device_bytes)
 
     def engine_roles(self) -> set[str]:
@@ -317,7 +319,13 @@ class DistillationModule(DistillationEvaluation, LightningModule):
             check_precision_settings(self.trainer.precision, self.student_spec.dtype, self.student_spec.lora is not None)
             device = self.trainer.strategy.root_device
             if device.type == "cuda":  # before any weight loads: a run that cannot fit is refused, with the numbers
-                check_fits(self.run_shape(torch.cuda.get_device_properties(device).total_memory))
+                memory = torch.cuda.get_device_properties(device).total_memory
+                if self.max_tokens_per_micro_batch == "auto":
+                    self.max_tokens_per_micro_batch = largest_budget_that_fits(self.run_shape(memory))
+                    if self.max_tokens_per_micro_batch is None:
+                        raise PlanError("no max_tokens_per_micro_batch fits this device; `trd plan --config ...` shows every term")
+                    rank_zero_info(f"max_tokens_per_micro_batch: auto -> {self.max_tokens_per_micro_batch:,} (the memory plan's largest that fits)")
+                check_fits(self.run_shape(memory))
         if any(callback is self.nonfinite for callback in self.trainer.callbacks):
             return []  # a trainer entered again (fit after validate_before_fit) keeps what its first entry attached
         return [StepLog(self.verifier, self.disagreement_threshold, self.log_samples_every), self.nonfinite, GracefulInterrupt(),
