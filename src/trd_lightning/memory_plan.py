@@ -154,7 +154,8 @@ class MemoryPlan:
         lines = [f"{'term (per device)':<{width}}  {'GiB':>8}  {'phase':<15} note"]
         for t in self.terms:
             phases = "both" if len(t.phases) == 2 else t.phases[0]
-            lines.append(f"{t.name:<{width}}  {t.bytes / GIB:>8.2f}  {phases:<15} {'estimate; ' if t.estimate else ''}{t.note}")
+            note = "; ".join(part for part in ("estimate" if t.estimate else "", t.note) if part)
+            lines.append(f"{t.name:<{width}}  {t.bytes / GIB:>8.2f}  {phases:<15} {note}")
         lines.append(f"{'generating (engines awake)':<{width}}  {self.phase('generate') / GIB:>8.2f}")
         lines.append(f"{'training':<{width}}  {self.phase('train') / GIB:>8.2f}")
         verdict = "fits" if self.fits else "DOES NOT FIT"
