@@ -40,8 +40,12 @@ def model_config(spec) -> dict:
 
     if spec.config is not None:
         return dict(spec.config)
+    if spec.gguf_file:  # the architecture is in the GGUF file's header
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(resolve_path(spec.path), gguf_file=spec.gguf_file).to_dict()
     candidates = []
-    if spec.path and not spec.gguf_file:
+    if spec.path:
         try:
             candidates.append(resolve_path(spec.path) / "config.json")
         except FileNotFoundError:
@@ -196,8 +200,8 @@ def build_plan(run: RunShape, budget: int | None = None) -> MemoryPlan:
     plan.terms.append(Term("student weights", shape.parameters * weight // shard, note=f"{shape.parameters / 1e9:.2f}B parameters in {student.dtype}"
                            + (f", sharded over {shard}" if shard > 1 else "")))
     trainable = shape.trainable if not trains_all else shape.parameters
-    state = trainable * (FLOAT32 + ADAMW_STATE) + (0 if trains_all else trainable * FLOAT32)  # LoRA: its float32 weights too
-    plan.terms.append(Term("trainable: float32 gradients and AdamW state" + ("" if trains_all else " (+ the adapters)"), state // shard,
+    state = trainable * ADAMW_STATE + (0 if trains_all else trainable * FLOAT32)  # LoRA: the float32 adapters themselves too
+    plan.terms.append(Term("trainable: AdamW state" + ("" if trains_all else " and the float32 adapters"), state // shard,
                            note=f"{trainable / 1e6:.1f}M trainable parameters"))
     teacher_shape = None
     if run.teacher is not None:
@@ -205,15 +209,21 @@ def build_plan(run: RunShape, budget: int | None = None) -> MemoryPlan:
         plan.terms.append(Term("teacher weights", teacher_shape.parameters * dtype_bytes(run.teacher.dtype) // shard,
                                note=f"{teacher_shape.parameters / 1e9:.2f}B parameters in {run.teacher.dtype}"))
     tokens = budget or run.max_tokens_per_micro_batch
+    gradients = trainable * FLOAT32 // shard
     if tokens:
-        plan.terms.append(Term("student activations", shape.activation_bytes(tokens, compute, student.gradient_checkpointing, True),
-                               estimate=True, phases=("train",),
-                               note=f"{tokens:,} tokens a micro-batch, gradient checkpointing {'on' if student.gradient_checkpointing else 'off'}"))
-        if teacher_shape is not None:
+        # The backward frees activations as it fills the gradients: the peak holds about the larger of the two.
+        activations = shape.activation_bytes(tokens, compute, student.gradient_checkpointing, True)
+        plan.terms.append(Term("student activations or float32 gradients, the larger", max(activations, gradients), estimate=True,
+                               phases=("train",), note=f"{tokens:,} tokens a micro-batch, gradient checkpointing "
+                               f"{'on' if student.gradient_checkpointing else 'off'}: {activations / GIB:.2f} GiB; "
+                               f"gradients {gradients / GIB:.2f} GiB"))
+        if teacher_shape is not None:  # runs before the student's forward: its transient adds only where it is larger
             kept = tokens * teacher_shape.hidden * dtype_bytes(compute)  # its last hidden states, read by the divergence
-            plan.terms.append(Term("teacher forward (no grad) and its kept hidden states",
-                                   teacher_shape.activation_bytes(tokens, compute, False, False) + kept, estimate=True, phases=("train",)))
+            beyond = max(0, teacher_shape.activation_bytes(tokens, compute, False, False) - max(activations, gradients))
+            plan.terms.append(Term("teacher forward (no grad): kept hidden states, and its transient beyond the student's",
+                                   kept + beyond, estimate=True, phases=("train",)))
     else:
+        plan.terms.append(Term("float32 gradients", gradients, phases=("train",)))
         plan.notes.append("no max_tokens_per_micro_batch: the whole step is one micro-batch, so activations are not planned")
     plan.terms.append(Term("fused divergence chunk", 3 * run.chunk_size * shape.vocab * FLOAT32, estimate=True, phases=("train",),
                            note=f"{run.chunk_size} positions x {shape.vocab:,} logits, float32, both models and the gradient"))
