@@ -58,7 +58,7 @@ def test_opd_loss_matches_an_independent_reverse_kl(student_dir, teacher_dir, to
 
 @pytest.mark.slow
 def test_teacher_gets_no_gradient_and_stays_bit_identical(student_dir, teacher_dir, tokenizer, chain_data, tmp_path):
-    module = make_module(student_dir, teacher_dir)
+    module = make_module(student_dir, teacher_dir, max_tokens_per_micro_batch=None)  # one backward a step
     teacher_before = {k: v.clone() for k, v in module.teacher_model.state_dict().items()}
     student_before = {k: v.clone() for k, v in module.student.state_dict().items()}
     seen_grads = []
@@ -156,7 +156,8 @@ def test_each_token_level_baseline_is_a_config_overlay(baseline, tmp_path):
 
 
 def reference_overrides(method, student_dir, teacher_dir, chain_data, tmp_path):
-    """Tiny stand-ins for the Qwen3 models, the math data and the GPU trainer of a reference config."""
+    """Tiny stand-ins for the Qwen3 models, the math data and the GPU trainer of a reference config; on a CPU, the HF
+    engine for vLLM and sdpa for flex_attention (no backward on CPUs), the rest as the config says."""
     demo_templates = {"opsd": ["--model.init_args.refiner.init_args.teacher_template=demo_privileged"],
                       "trd": ["--model.init_args.refiner.init_args.template=demo_refine"],
                       "trd_opsd": ["--model.init_args.refiner.init_args.template=demo_refine_reference",
@@ -166,10 +167,12 @@ def reference_overrides(method, student_dir, teacher_dir, chain_data, tmp_path):
         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32-true",
         "--trainer.accumulate_grad_batches=1", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
         "--model.init_args.student.dtype=float32", "--model.init_args.student.lora.r=4", "--model.init_args.student.lora.alpha=8",
+        "--model.init_args.engine=trd_lightning.rollout.HFEngine", "--model.init_args.student.attn_implementation=sdpa",
         "--model.init_args.verifier=trd_lightning.verifiers.ExactMatch", "--data.init_args.prompt_template=demo_student",
         "--data.init_args.max_prompt_tokens=64", "--model.init_args.eval_sampling.n=1", "--model.init_args.pass_k=[1]",
         "--trainer.callbacks.init_args.every_n_train_steps=2",
-        *(["--model.init_args.teacher.init_args.model.dtype=float32"] if method in ("opd", "trd") else []),
+        *(["--model.init_args.teacher.init_args.model.dtype=float32",
+           "--model.init_args.teacher.init_args.model.attn_implementation=sdpa"] if method in ("opd", "trd") else []),
         *(["--model.init_args.refiner.init_args.sampling.max_new_tokens=6"] if method.startswith("trd") else []),
         *demo_templates.get(method, []),
     ]
