@@ -7,6 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)  # as if the environment were activated: `trd` and the tools on PATH
 
 .PHONY: demo test
 

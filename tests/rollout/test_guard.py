@@ -41,7 +41,8 @@ class StaleEngine(HFEngine):
 def test_a_synced_engine_agrees_with_the_trainer_to_numerics(tmp_path, student_dir, teacher_dir, chain_data):
     main(["fit", "--config", str(ROOT / "configs" / "demo" / "opd.yaml"), *tiny_overrides(student_dir, teacher_dir, chain_data, tmp_path),
           "--trainer.max_steps=2", "--model.init_args.engine=trd_lightning.rollout.HFEngine", "--model.init_args.engine.return_logprobs=true",
-          "--model.init_args.logprob_guard=trd_lightning.rollout.LogprobGuard", "--model.init_args.logprob_guard.stop=true"])
+          "--model.init_args.logprob_guard=trd_lightning.rollout.LogprobGuard", "--model.init_args.logprob_guard.stop=true",
+          "--model.init_args.logprob_guard.every=1"])
     logged = scalars(next(tmp_path.glob("*/version_0")))
     assert [s for s, _ in logged["rollout/logprob_gap_max"]] == [0, 1]
     assert all(v < 1e-4 for _, v in logged["rollout/logprob_gap_max"])
@@ -51,7 +52,7 @@ def test_a_synced_engine_agrees_with_the_trainer_to_numerics(tmp_path, student_d
 def test_a_stale_engine_is_caught(student_dir, teacher_dir, tokenizer, chain_data):
     from lightning.pytorch import Trainer
 
-    module = make_module(student_dir, teacher_dir, engine=StaleEngine(), logprob_guard=LogprobGuard(max_mean_gap=0.01, stop=True),
+    module = make_module(student_dir, teacher_dir, engine=StaleEngine(), logprob_guard=LogprobGuard(max_mean_gap=0.01, stop=True, every=1),
                          optimizer=lambda params: torch.optim.SGD(params, lr=1.0))
     trainer = Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
     with pytest.raises(StaleWeightsError, match="stale weights"):

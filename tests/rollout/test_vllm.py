@@ -90,6 +90,7 @@ def test_two_training_steps_through_the_cli_with_weight_sync(method, tmp_path):
     main(["fit", "--config", str(ROOT / "configs" / "demo" / f"{method}.yaml"), "--trainer.max_steps=2",
           "--model.init_args.engine=trd_lightning.rollout.VLLMEngine", "--model.init_args.logprob_guard=trd_lightning.rollout.LogprobGuard",
           "--model.init_args.logprob_guard.stop=true",
+          "--model.init_args.logprob_guard.every=1",
           f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1",
           "--validate_before_fit=false", "--trainer.limit_val_batches=0", "--data.init_args.batch_size=8",
           "--trainer.callbacks.init_args.every_n_train_steps=2", "--model.init_args.export_student=false"])
