@@ -46,7 +46,7 @@ QWEN3 = {"model_type": "qwen3", "vocab_size": 151936, "head_dim": 128, "num_key_
 GPU = {
     "student": {**QWEN3, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16},
     "teacher": {**QWEN3, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28, "num_attention_heads": 16},
-    "prompts": 16, "new_tokens": 256, "steps": 5, "budget": 8192, "lora_r": 64,
+    "prompts": 16, "new_tokens": 256, "steps": 5, "budget": 8192, "lora_r": 64, "attention": "flex_attention",  # as the reference configs
     "divergence": {"tokens": 4096, "hidden": 1024, "vocab": 151936},
 }
 CPU = {
@@ -54,7 +54,7 @@ CPU = {
                 "num_key_value_heads": 1, "head_dim": 32},
     "teacher": {**QWEN3, "hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 2,
                 "num_key_value_heads": 1, "head_dim": 48},
-    "prompts": 4, "new_tokens": 8, "steps": 5, "budget": 96, "lora_r": 8,
+    "prompts": 4, "new_tokens": 8, "steps": 5, "budget": 96, "lora_r": 8, "attention": "sdpa",  # flex has no backward on CPUs
     "divergence": {"tokens": 128, "hidden": 64, "vocab": 151936},
 }
 LR = 5e-6
@@ -145,10 +145,11 @@ def train(sizes: dict, accelerator: str, root: Path, method: str = "trd", steps:
     seed_everything(0, verbose=False)
     sampling = Sampling(temperature=1.0, max_new_tokens=sizes["new_tokens"])
     student = ModelSpec(config=sizes["student"], tokenizer="demo:tokenizer", dtype="bfloat16" if lora else "float32",
-                        lora=LoRA(r=sizes["lora_r"], alpha=2 * sizes["lora_r"]) if lora else None)
+                        lora=LoRA(r=sizes["lora_r"], alpha=2 * sizes["lora_r"]) if lora else None, attn_implementation=sizes["attention"])
     module = DistillationModule(
         student=student,
-        teacher=SeparateTeacher(ModelSpec(config=sizes["teacher"], tokenizer="demo:tokenizer", dtype="bfloat16")),
+        teacher=SeparateTeacher(ModelSpec(config=sizes["teacher"], tokenizer="demo:tokenizer", dtype="bfloat16",
+                                          attn_implementation=sizes["attention"])),
         refiner=TeacherRewrite(template="demo_refine", sampling=sampling) if method == "trd" else None,
         engine=HFEngine(batch_size=64), sampling=sampling, optimizer=lambda params: torch.optim.AdamW(params, lr=LR),
         max_tokens_per_micro_batch=sizes["budget"], packing=packing, gradient_clip_val=1.0, log_samples_every=0,
