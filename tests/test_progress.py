@@ -60,3 +60,39 @@ def test_validate_then_fit_attaches_the_modules_callbacks_once(tmp_path, caplog)
     for kind in (StepLog, NonFiniteGuard, StepProgressBar):
         assert kinds.count(kind) == 1, kinds
     assert cli.trainer.global_step == 1
+
+
+def test_the_step_count_clock_and_rate_hold_across_epoch_boundaries(tmp_path):
+    """70 steps of 2 prompts over 16 training problems: 8 batches an epoch, so 8 epoch boundaries. The bar's count
+    rises step by step to 70, its elapsed time is the training's wall time, its rate steps over that time."""
+    import time
+
+    from lightning.pytorch import Callback
+
+    class Watch(Callback):
+        def __init__(self):
+            self.counts = []
+
+        def on_train_start(self, trainer, module):
+            self.started = time.monotonic()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            bar = trainer.progress_bar_callback
+            self.counts.append(bar.progress.tasks[bar.train_progress_bar_id].completed)
+
+        def on_train_end(self, trainer, module):
+            self.seconds = time.monotonic() - self.started
+
+    watch = Watch()
+    cli = TRDCLI(args=["--config", str(OPD), "--trainer.max_steps=70", f"--trainer.default_root_dir={tmp_path}",
+                       "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]",
+                       "--trainer.limit_val_batches=0", "--data.init_args.batch_size=2", "--model.init_args.export_student=false",
+                       "--model.init_args.sampling.max_new_tokens=4", "--validate_before_fit=false",
+                       "--data.init_args.train_path=demo:data/val.jsonl"], run=False)  # the demo's 100 val rows: 50 batches
+    cli.trainer.callbacks.append(watch)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.current_epoch >= 1  # an epoch boundary was crossed
+    assert watch.counts == list(range(1, 71))
+    task = cli.trainer.progress_bar_callback.progress.tasks[cli.trainer.progress_bar_callback.train_progress_bar_id]
+    assert abs(task.elapsed - watch.seconds) <= 0.1 * watch.seconds, (task.elapsed, watch.seconds)
+    assert abs(task.speed - 70 / watch.seconds) <= 0.1 * 70 / watch.seconds, (task.speed, 70 / watch.seconds)
