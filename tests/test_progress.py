@@ -96,3 +96,10 @@ def test_the_step_count_clock_and_rate_hold_across_epoch_boundaries(tmp_path):
     task = cli.trainer.progress_bar_callback.progress.tasks[cli.trainer.progress_bar_callback.train_progress_bar_id]
     assert abs(task.elapsed - watch.seconds) <= 0.1 * watch.seconds, (task.elapsed, watch.seconds)
     assert abs(task.speed - 70 / watch.seconds) <= 0.1 * 70 / watch.seconds, (task.speed, 70 / watch.seconds)
+
+
+def test_no_litlogger_tip_and_no_weight_loading_bars_at_demo_scale(tmp_path, capfd):
+    fit(tmp_path, "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger", f"--trainer.logger.save_dir={tmp_path}")
+    out, err = capfd.readouterr()
+    assert "step" in out + err  # the run printed its bar
+    assert "litlogger" not in out + err and "Loading weights" not in out + err

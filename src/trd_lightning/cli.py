@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -108,6 +109,18 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
     # Lightning 2.6's data-loader flattening uses a pytree API that torch 2.13 deprecates, once per fit.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Lightning's advertisement for its cloud logger, at every Trainer made.
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if NO_LITLOGGER_TIP not in rank_zero_log.filters:
+        rank_zero_log.addFilter(NO_LITLOGGER_TIP)
+
+
+class _NoLitLoggerTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+NO_LITLOGGER_TIP = _NoLitLoggerTip()
 
 
 class TRDCLI(LightningCLI):

@@ -246,7 +246,8 @@ def load_model(spec: ModelSpec) -> nn.Module:
         kwargs = {**common, **spec.extra}
         if spec.gguf_file:
             kwargs["gguf_file"] = spec.gguf_file
-        model = AutoModelForCausalLM.from_pretrained(resolve_path(spec.path), **kwargs)
+        with quiet_progress(spec.path.startswith(DEMO_PREFIX)):  # a bar for a 0.3M-parameter model that loads at once
+            model = AutoModelForCausalLM.from_pretrained(resolve_path(spec.path), **kwargs)
         if spec.gguf_file:
             _drop_gguf_quantizer(model)
     if spec.gradient_checkpointing:
@@ -255,6 +256,21 @@ def load_model(spec: ModelSpec) -> nn.Module:
     if spec.lora is not None:
         model = apply_lora(model, spec.lora)
     return model.train()  # from_pretrained returns eval mode; whoever trains it expects train mode
+
+
+@contextmanager
+def quiet_progress(quiet: bool) -> Iterator[None]:
+    """transformers' progress bars off for the duration when ``quiet`` (and back as they were)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    if quiet and enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _drop_gguf_quantizer(model: nn.Module) -> None:
