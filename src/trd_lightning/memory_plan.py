@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from trd_lightning.precision import compute_dtype
+
 GIB = 2**30
 ADAMW_STATE = 8  # exp_avg and exp_avg_sq, float32
 FLOAT32 = 4
@@ -181,11 +183,6 @@ class RunShape:
     chunk_size: int = 256
     engine: object | None = None  # a VLLMEngine, or None for the HF engine (generation on the live module)
     device_bytes: int = 80 * 10**9
-
-
-def compute_dtype(precision: str, weights: str) -> str:
-    precision = str(precision)
-    return "bfloat16" if precision.startswith("bf16") else "float16" if precision.startswith("16") else weights
 
 
 def build_plan(run: RunShape, budget: int | None = None) -> MemoryPlan:

@@ -268,7 +268,7 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         """This process's place among the trainer's, its device and compute dtype, for the rollout engine."""
         if self._trainer is None:  # built by hand, outside a Trainer: one process here
             return Placement(compute_dtype=compute_dtype("32-true", self.student))
-        device = self.trainer.strategy.root_device
+        device = self.placement_device()
         return Placement(rank=self.trainer.global_rank, world_size=self.trainer.world_size,
                          device_index=device.index if device.type == "cuda" else None,
                          compute_dtype=compute_dtype(self.trainer.precision, self.student))

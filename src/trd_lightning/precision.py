@@ -24,14 +24,17 @@ FIX = ("use `trainer.precision: bf16-mixed` (bf16 compute by autocast) with the 
        "`sharding.param_dtype: bfloat16` for bf16 compute)")
 
 
-def compute_dtype(precision: str, model: nn.Module) -> str:
-    """The dtype the trainer computes in, by name: bf16 under ``bf16-*``, fp16 under ``16-*``, else the weights' own."""
+def compute_dtype(precision: str, weights: str | nn.Module) -> str:
+    """The dtype the trainer computes in, by name: bf16 under ``bf16-*``, fp16 under ``16-*``, else the weights' own
+    (``weights``: a dtype name, or a model whose first floating parameter tells)."""
     precision = str(precision)
     if precision.startswith("bf16"):
         return "bfloat16"
     if precision.startswith("16") or precision == "half":
         return "float16"
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if isinstance(weights, str):
+        return weights
+    dtype = next((p.dtype for p in weights.parameters() if p.is_floating_point()), torch.float32)
     return str(dtype).removeprefix("torch.")
 
 
