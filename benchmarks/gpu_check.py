@@ -40,6 +40,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from lightning.pytorch import Callback
 
 QWEN3 = {"model_type": "qwen3", "vocab_size": 151936, "head_dim": 128, "num_key_value_heads": 8, "tie_word_embeddings": True,
          "max_position_embeddings": 40960, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6}
@@ -100,33 +101,28 @@ def gib(value: int | None) -> str:
 
 
 # -- training steps -----------------------------------------------------------------------------------------
-class StepMeter:
-    """Records each optimizer step's wall time and what the step measured (tokens, loss)."""
+class StepMeter(Callback):
+    """Records each optimizer step's wall time and what the step measured (tokens, loss), and the LoRA adapters as
+    training starts."""
 
     def __init__(self):
-        from lightning.pytorch import Callback
-
-        meter = self
-
-        class Callback_(Callback):
-            def on_train_batch_start(self, trainer, module, batch, batch_idx):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                meter.started = time.perf_counter()
-
-            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                meter.seconds.append(time.perf_counter() - meter.started)
-                meter.totals.append(dict(outputs["result"].record.totals))
-
-            def on_fit_start(self, trainer, module):
-                meter.before = {n: p.detach().clone() for n, p in module.student.named_parameters() if "lora_" in n}
-
-        self.callback = Callback_()
         self.seconds: list[float] = []
         self.totals: list[dict] = []
         self.before: dict = {}
+
+    def on_fit_start(self, trainer, module):
+        self.before = {n: p.detach().clone() for n, p in module.student.named_parameters() if "lora_" in n}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds.append(time.perf_counter() - self.started)
+        self.totals.append(dict(outputs["result"].record.totals))
 
 
 def train(sizes: dict, accelerator: str, root: Path, method: str = "trd", steps: int | None = None, packing: str = "auto",
@@ -162,7 +158,7 @@ def train(sizes: dict, accelerator: str, root: Path, method: str = "trd", steps:
     trainer = Trainer(accelerator=accelerator, devices=1, precision="bf16-mixed", max_steps=steps or sizes["steps"],
                       strategy=FSDP2Strategy(save_distributed_checkpoint=False) if fsdp else "auto",
                       logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      limit_val_batches=0, num_sanity_val_steps=0, callbacks=[meter.callback], default_root_dir=str(root),
+                      limit_val_batches=0, num_sanity_val_steps=0, callbacks=[meter], default_root_dir=str(root),
                       inference_mode=not fsdp)
     trainer.fit(module, datamodule=data)
     return module, meter
