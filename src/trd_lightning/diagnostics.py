@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
     from trd_lightning.refiners import Targets
     from trd_lightning.rollout import Rollouts
     from trd_lightning.scoring import Scorer
-    from trd_lightning.step_metrics import StepRecord
 
 DEFAULT_PIVOTS = ("Wait", "Actually", "However", "Hmm", "Alternatively", "Hold")
 
@@ -44,19 +44,23 @@ def pivot_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
 
 
 def diagnose_rewrites(scorer: Scorer, scoring_contexts: Sequence[Sequence[int]], plain_contexts: Sequence[Sequence[int]],
-                      rollouts: Rollouts, targets: Targets, pivot_ids: Sequence[int], record: StepRecord) -> None:
-    """Extra teacher passes on a rewriting step, into ``record``: the teacher along each y_o in its scoring context
-    (log-probabilities and pivot mass per token), and each rewrite's mean log-probability per token in the refine
-    prompt it was written in and in the student's plain prompt (the problem alone). A rewrite likely only with the
-    privileged context in view is suspect: an answer copied into a flawed derivation reads that way. Every rank
-    runs the same passes."""
-    for rows, logprobs, scores, lse in scorer.teacher_logprobs(scoring_contexts, rollouts.token_ids):
-        if rows:
-            record.rows["diag_y_o_length"].extend(len(rollouts.token_ids[r]) for r in rows)
-            record.add_tokens(diag_y_o_teacher_logprob=logprobs, diag_y_o_pivot_mass=scores.pivot_mass(pivot_ids, lse))
+                      rollouts: Rollouts, targets: Targets, pivot_ids: Sequence[int]) -> tuple[dict[str, list[float]], dict[str, list[Tensor]]]:
+    """Extra teacher passes on a rewriting step: the teacher along each y_o in its scoring context (log-probabilities
+    and pivot mass per token), and each rewrite's mean log-probability per token in the refine prompt it was written
+    in and in the student's plain prompt (the problem alone). A rewrite likely only with the privileged context in
+    view is suspect: an answer copied into a flawed derivation reads that way. Every rank runs the same passes.
+    Returns per-row values and per-token tensors by name, for the step's record."""
+    rows: dict[str, list[float]] = defaultdict(list)
+    tokens: dict[str, list[Tensor]] = defaultdict(list)
+    for kept, logprobs, scores, lse in scorer.teacher_logprobs(scoring_contexts, rollouts.token_ids):
+        if kept:
+            rows["diag_y_o_length"].extend(len(rollouts.token_ids[r]) for r in kept)
+            tokens["diag_y_o_teacher_logprob"].append(logprobs)
+            tokens["diag_y_o_pivot_mass"].append(scores.pivot_mass(pivot_ids, lse))
     for name, contexts in (("y_r_logprob_refine", targets.teacher_contexts), ("y_r_logprob_plain", plain_contexts)):
         means = scorer.teacher_mean_logprobs(contexts, targets.token_ids)
-        record.rows[name] = [mean if refined else math.nan for mean, refined in zip(means, targets.refined)]
+        rows[name] = [mean if refined else math.nan for mean, refined in zip(means, targets.refined)]
+    return rows, tokens
 
 
 def first_disagreement(teacher_logprobs: Tensor, lengths: Tensor, threshold: float) -> Tensor:

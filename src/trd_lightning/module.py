@@ -238,6 +238,7 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         self.synced_at: int | None = None  # the optimizer step whose weights the engine holds
         self.randomness = RolloutRandomness()
         self.skipped_empty = 0
+        self.tokens_trained = 0  # target tokens over every rank, summed over the run's steps
         self.evaluated = ("student", "teacher")
         self.metrics = torch.nn.ModuleDict()
         self.profiles = self.make_profiles()
@@ -438,6 +439,7 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         tokens, sequences = sum_over_ranks([sum(lengths), sum(n > 0 for n in lengths)], self.device)
         if tokens == 0:
             return None
+        self.tokens_trained += int(tokens)
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
         student_contexts = batch.prompts_of(rollouts.prompt_index)
@@ -476,7 +478,10 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         with record.timed("diagnostics"):
             scoring = self.refiner.scoring_contexts(batch, rollouts.prompt_index, self.teacher_access)
             plain = batch.prompts_of(rollouts.prompt_index)
-            diagnose_rewrites(self.scorer, scoring, plain, rollouts, targets, self.pivot_ids, record)
+            rows, tokens = diagnose_rewrites(self.scorer, scoring, plain, rollouts, targets, self.pivot_ids)
+            record.rows.update(rows)
+            for name, values in tokens.items():
+                record.add_tokens(**{name: torch.cat(values)})
         return True
 
     def update(self, loss: float | None, record: StepRecord) -> None:
@@ -522,11 +527,12 @@ class DistillationModule(DistillationEvaluation, LightningModule):
             self.synced_at = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["trd_counters"] = {"skipped_empty": self.skipped_empty}
+        checkpoint["trd_counters"] = {"skipped_empty": self.skipped_empty, "tokens_trained": self.tokens_trained}
         checkpoint["rollout_randomness"] = self.randomness.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.skipped_empty = checkpoint.get("trd_counters", {}).get("skipped_empty", 0)
+        counters = checkpoint.get("trd_counters", {})
+        self.skipped_empty, self.tokens_trained = counters.get("skipped_empty", 0), counters.get("tokens_trained", 0)
         self.synced_at = None  # a new process's engine holds none of the weights
         # Checkpoints from before the rollout moved into the module keep this state under their RolloutCallback.
         legacy = [state for key, state in checkpoint.get("callbacks", {}).items() if key.startswith("RolloutCallback")]
