@@ -192,6 +192,7 @@ def tiny_overrides(student_dir, teacher_dir, chain_data, tmp_path, name="run"):
         "--trainer.val_check_interval=1000",
         "--trainer.log_every_n_steps=1",
         "--validate_before_fit=false",
+        "--validate_after_fit=false",
     ] + ([f"--model.init_args.teacher.init_args.model.path={teacher_dir}"] if teacher_dir else [])
 
 
@@ -200,7 +201,7 @@ def fit_args(config: str, tmp_path: Path, name: str, steps: int, *extra: str) ->
     return ["fit", "--config", str(DEMO / f"{config}.yaml"), f"--trainer.max_steps={steps}",
             f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.logger.init_args.name={name}",
             "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1", "--validate_before_fit=false",
-            "--data.init_args.batch_size=4", "--trainer.callbacks.init_args.every_n_train_steps=100", *extra]
+            "--validate_after_fit=false", "--data.init_args.batch_size=4", "--trainer.callbacks.init_args.every_n_train_steps=100", *extra]
 
 
 def scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:

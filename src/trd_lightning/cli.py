@@ -23,6 +23,7 @@ from trd_lightning.module import SettingsError
 from trd_lightning.precision import PrecisionError, check_precision_settings
 from trd_lightning.progress import StepProgressBar
 from trd_lightning.reliability import CheckpointError, ResumableError, SafeCheckpointIO, check_checkpoint, find_last_checkpoint
+from trd_lightning.report import FitReport
 from trd_lightning.rollout.sleep import SleepSettingsError
 from trd_lightning.teachers import TeacherSetupError
 
@@ -147,6 +148,11 @@ class TRDCLI(LightningCLI):
             help="Run validation once before training, so the log shows accuracy before and after.",
         )
         parser.add_argument(
+            "--validate_after_fit", type=bool, default=True,
+            help="Run validation once more when training ends, unless the last step was just validated; the end-of-fit "
+                 "table shows it as 'after'.",
+        )
+        parser.add_argument(
             "--extends", type=str | None, default=None,
             help="In a config file: the file it is laid over, relative to it (chains allowed). `--config X` with `extends: base.yaml` "
                  "reads base.yaml, then X on top; resolved before parsing, then null, so a printed config stands alone.",
@@ -199,12 +205,14 @@ class TRDCLI(LightningCLI):
             fail(concise(str(error)))
 
     def instantiate_trainer(self, **kwargs):
-        # The progress bar counts optimizer steps of max_steps, unless the config turns bars off or chose one itself.
+        # The progress bar counts optimizer steps of max_steps, unless the config turns bars off or chose one itself;
+        # the report tells at the end of fit what it did.
         config = self._get(self.config_init, "trainer", default={})
         chosen = config.get("callbacks") or []
         chosen = chosen if isinstance(chosen, list) else [chosen]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in chosen):
-            kwargs.setdefault("callbacks", [*chosen, StepProgressBar()])
+            chosen = [*chosen, StepProgressBar()]
+        kwargs.setdefault("callbacks", [*chosen, FitReport()])
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = SafeCheckpointIO()
@@ -217,6 +225,13 @@ class TRDCLI(LightningCLI):
         if self.config.fit.get("validate_before_fit") and not self.config.fit.get("ckpt_path"):
             self.datamodule.setup("fit")  # read and check the training data too, before validation computes anything
             self.trainer.validate(self.model, datamodule=self.datamodule)
+
+    def after_fit(self):
+        report = next(c for c in self.trainer.callbacks if isinstance(c, FitReport))
+        has_val = bool(getattr(self.datamodule, "dataset_names", lambda split: [True])("val")) and self.trainer.limit_val_batches != 0
+        if self.config.fit.get("validate_after_fit") and has_val and not report.validated_at(self.trainer.global_step):
+            self.trainer.validate(self.model, datamodule=self.datamodule)
+        report.print(self.trainer, self.model)
 
 
 class PlanCLI(TRDCLI):

@@ -78,16 +78,23 @@ class EvaluationMixin:
 
     def compute_metrics(self, stage: str) -> list[dict]:
         """Rows of (dataset, who, metrics...) for this stage; logs and resets them."""
-        rows = []
+        rows, logged = [], {}
         for dataset in self.eval_datasets[stage]:
             for who in self.evaluated_in(stage):
                 metric = self.metrics[self.metric_key(stage, dataset, who)]
                 values = {name: float(value) for name, value in metric.compute().items()}
                 problems = int(values.pop("problems"))  # the count over every process, not this rank's
-                for name, value in values.items():
-                    self.log(f"{self.metric_prefix(stage, dataset, who)}/{name}", value)
+                named = {f"{self.metric_prefix(stage, dataset, who)}/{name}": value for name, value in values.items()}
+                for name, value in named.items():
+                    self.log(name, value, logger=False)  # for callbacks and the progress bar
+                logged.update(named)
                 rows.append({"dataset": dataset, "who": who, "problems": problems, **values})
                 metric.reset()
+        # Logged at the optimizer step the weights are at, as the pre-fit validation is (0): Lightning's own step for
+        # a validation inside fit is one less (its batch counter has not yet risen), which put the validation after
+        # step 1 at step 0, next to the one before training.
+        for logger in [] if self.trainer.sanity_checking else self.loggers:
+            logger.log_metrics(logged, step=self.global_step)
         return rows
 
     def on_validation_epoch_end(self):

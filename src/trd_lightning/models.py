@@ -323,7 +323,8 @@ def export_hf(model: nn.Module, tokenizer, directory: str | Path, spec: ModelSpe
         return None
     if is_peft(model):
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(directory)
+    with quiet_progress(sum(p.numel() for p in model.parameters()) < 100_000_000):  # written at once: no bar
+        model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 

@@ -23,6 +23,11 @@ class StepProgressBar(RichProgressBar):
             return
         super().on_train_epoch_start(trainer, pl_module)
 
+    def get_metrics(self, trainer, pl_module) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)  # the log folder's version: the end-of-fit report says where the logs are
+        return items
+
     def _get_train_description(self, current_epoch: int) -> str:
         return "step" if self.trainer.max_steps > 0 else super()._get_train_description(current_epoch)
 

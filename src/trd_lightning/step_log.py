@@ -16,6 +16,9 @@ from lightning.pytorch import Callback
 from trd_lightning.step_metrics import StepResult, gather, step_metrics, verify
 from trd_lightning.verifiers import Verifier
 
+# The step's main figures the progress bar shows (from the last logged step), by their names on the bar.
+BAR_FIGURES = {"rollout/accuracy": "accuracy", "rollout/steps_valid": "steps_valid", "step/target_tokens_per_second": "tokens/s"}
+
 # What a sample line carries of the step's per-row measurements.
 SAMPLE_FIELDS = ("y_o_correct", "y_o_steps_valid", "y_o_truncated", "refined", "fallback", "y_r_correct", "y_r_steps_valid", "edit_similarity",
                  "y_r_logprob_refine", "y_r_logprob_plain")
@@ -50,16 +53,19 @@ class StepLog(Callback):
             return
         result.record.rows.update(verify(self.verifier, result.batch, result.rollouts, result.targets))
         if log:
-            self.log_metrics(trainer, result)
+            self.log_metrics(trainer, pl_module, result)
         if samples:
             self.write_samples(trainer, result)
 
-    def log_metrics(self, trainer, result: StepResult) -> None:
+    def log_metrics(self, trainer, pl_module, result: StepResult) -> None:
         metrics = step_metrics(gather(result.record), self.threshold, result.target_name)
         if "skipped_empty_steps" in result.record.totals:  # this rank's count, the same on every rank
             metrics["train/skipped_empty_steps"] = result.record.totals["skipped_empty_steps"]
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=result.step)
+        for name, shown in BAR_FIGURES.items():
+            if metrics.get(name) is not None:
+                pl_module.log(shown, metrics[name], prog_bar=True, logger=False)
 
     def write_samples(self, trainer, result: StepResult) -> None:
         batch, rollouts, targets, rows = result.batch, result.rollouts, result.targets, result.record.rows
