@@ -108,7 +108,10 @@ def test_plugins_are_discovered_from_their_base_classes():
 
 
 BAD_INPUTS = [
-    ("malformed YAML", ["--config", "{bad_yaml}"], "Problems parsing config"),
+    ("malformed YAML", ["--config", "{bad_yaml}"], r"bad\.yaml:\d+:\d+: not valid YAML: "),
+    ("a config file that is not there", ["--config", "configs/demo/trd.yml"],
+     r"--config configs/demo/trd\.yml: no such file; did you mean configs/demo/trd\.yaml"),
+    ("negative learning rate", ["--model.init_args.optimizer.init_args.lr=-0.1"], "model.optimizer: Invalid learning rate: -0.1"),
     ("unknown class_path", ["--model.init_args.refiner=trd_lightning.refiners.Nope"],
      "model.refiner: .*has no attribute 'Nope'.*unknown class_path 'trd_lightning.refiners.Nope'; the plug-ins are"),
     ("batch size zero", ["--data.init_args.batch_size=0"], "data batch_size must be > 0"),
@@ -135,7 +138,10 @@ def test_bad_input_is_refused_before_compute(case, extra, match, bad_files, tmp_
         main(args)
     import re
 
-    message = str(error.value) + capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert error.value.code == 2 and str(error.value) in err
+    message = str(error.value)
+    assert message.startswith("trd: error: ") and "Traceback" not in err
     assert re.search(match, message, re.S), message
     assert "Given value" not in message and "AddedToken" not in message  # the fix, not a dump of every argument
     assert not started  # refused before any model was loaded

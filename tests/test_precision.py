@@ -43,7 +43,7 @@ def test_trd_refuses_half_precision_storage_in_one_line_before_validation(settin
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--config", str(DEMO / "trd.yaml"), f"--trainer.logger.init_args.save_dir={tmp_path}",
               "--trainer.enable_progress_bar=false", *settings])
-    message = str(exit_.value.code)
+    message = str(exit_.value)
     assert message.startswith("trd: error: ") and "bf16-mixed" in message and "\n" not in message
     assert not list(tmp_path.rglob("*.tfevents.*"))  # refused before validation logged anything
 

@@ -73,9 +73,10 @@ def test_interrupted_run_resumes_to_exactly_the_uninterrupted_one(config, signum
               "--model.init_args.eval_sampling={greedy: false, n: 2, max_new_tokens: 48}"]
     common.append("--trainer.callbacks.init_args.every_n_train_steps=3")
     main(fit_args(config, tmp_path, "straight", 6, *common))
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stopped:
         main(fit_args(config, tmp_path, "broken", 6, *common, "--trainer.callbacks+=tests.test_reliability.InterruptAt",
                       "--trainer.callbacks.step=2", f"--trainer.callbacks.signum={int(signum)}"))
+    assert f"stopped by {'Ctrl-C (SIGINT)' if signum == signal.SIGINT else 'SIGTERM'} after a checkpoint" in str(stopped.value)
     interrupted = torch.load(tmp_path / "broken/version_0/checkpoints/last.ckpt", weights_only=True)
     assert interrupted["global_step"] == 3, sorted(p.name for p in (tmp_path / "broken/version_0/checkpoints").iterdir())
     main(fit_args(config, tmp_path, "broken", 6, *common, "--ckpt_path=last"))
@@ -93,23 +94,65 @@ def test_interrupted_run_resumes_to_exactly_the_uninterrupted_one(config, signum
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     """A write that dies half-way leaves neither a partial file nor the old one damaged."""
-    import fsspec.implementations.local as local
-
     target = tmp_path / "last.ckpt"
     SafeCheckpointIO().save_checkpoint({"w": torch.ones(3)}, target)
     before = target.read_bytes()
-    original_write = local.LocalFileOpener.write
+    original_save = torch.save
 
-    def dying_write(self, data):
-        original_write(self, data[: len(data) // 2])
+    def dying_save(obj, file):
+        original_save(obj, file)
+        file.truncate(file.tell() // 2)
         raise OSError("disk full")
 
-    monkeypatch.setattr(local.LocalFileOpener, "write", dying_write)
+    monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(OSError, match="disk full"):
         SafeCheckpointIO().save_checkpoint({"w": torch.zeros(1000)}, target)
     monkeypatch.undo()
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+WRITER = """
+import sys, torch
+from trd_lightning.reliability import SafeCheckpointIO
+io, target = SafeCheckpointIO(), sys.argv[1]
+io.save_checkpoint({"fill": 0.0, "w": torch.zeros(50_000_000)}, target)
+print("first", flush=True)
+fill = 1.0
+while True:
+    io.save_checkpoint({"fill": fill, "w": torch.full((50_000_000,), fill)}, target)
+    fill += 1
+"""
+
+
+@pytest.mark.slow
+def test_a_kill_during_the_write_with_tmpdir_on_another_filesystem_leaves_a_whole_checkpoint(tmp_path):
+    """TMPDIR in /dev/shm (tmpfs), the checkpoint on disk: SIGKILL while a 200 MB write is under way, three times."""
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the tests' temporary folder")
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    with tempfile.TemporaryDirectory(dir=shm) as elsewhere:
+        for attempt in range(3):
+            writer = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE, text=True,
+                                      env={**os.environ, "TMPDIR": elsewhere})
+            if attempt == 0:
+                assert writer.stdout.readline().strip() == "first"
+            deadline = time.monotonic() + 120
+            while not any(p.stat().st_size > 0 for p in target.parent.glob(".last.ckpt.*.partial")) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            writer.kill()
+            writer.wait()
+            state = torch.load(target, weights_only=True)  # whole: it loads, and holds one write's values throughout
+            assert torch.equal(state["w"], torch.full_like(state["w"], state["fill"])), attempt
+            assert list(Path(elsewhere).iterdir()) == []
+        SafeCheckpointIO().save_checkpoint({"w": torch.ones(1)}, target)
+        assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]  # the killed writes' leftovers gone
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ def test_a_run_shorter_than_val_check_interval_ends_validated_with_its_table(tmp
     out = capsys.readouterr().out
     logged = scalars(tmp_path / "short/version_0")
     assert [step for step, _ in logged["val/student/avg@1"]] == [0, 3]  # before training, and after its 3 steps
-    assert "step 0 (before)" in out and "step 3 (after)" in out
+    assert re.search(r"step 0 +┃ +step 3", out) and re.search(r"before +┃ +after", out)
     for tag in ("val/student/avg@1", "val/student/steps_valid"):
         assert table_row(out, tag) == [round(value, 4) for _, value in logged[tag]], tag
     facts = {line.split(None, 1)[0]: line for line in out.splitlines() if line.strip()}
@@ -38,7 +38,7 @@ def test_validations_land_at_the_step_they_describe_and_the_last_is_not_repeated
     out = capsys.readouterr().out
     steps = [step for step, _ in scalars(tmp_path / "every/version_0")["val/student/avg@1"]]
     assert steps == [0, 1, 2]  # not [0, 0, 1]; step 2 was validated inside fit, so not once more after it
-    assert "step 2 (after)" in out and "step 1" in out
+    assert re.search(r"step 0 +┃ +step 1 +┃ +step 2", out) and re.search(r"before +┃ +┃ +after", out)
 
 
 def test_no_final_validation_when_turned_off(tmp_path, capsys):

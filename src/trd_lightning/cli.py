@@ -66,10 +66,15 @@ def bases(config: str, seen: tuple[Path, ...] = ()) -> list[str]:
     """The files a config file ``extends``, the farthest first: ``extends: base.yaml`` names a file relative to the
     one that says it, which may extend another in turn. Not a readable YAML file: none (jsonargparse reports it)."""
     path = Path(config)
+    check_config_file(config)
     try:
         content = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError):
         return []
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{config}:{mark.line + 1}:{mark.column + 1}" if mark else config
+        fail(f"{where}: not valid YAML: {getattr(error, 'problem', None) or error}")
     base = content.get("extends") if isinstance(content, dict) else None
     if base is None:
         return []
@@ -82,6 +87,19 @@ def bases(config: str, seen: tuple[Path, ...] = ()) -> list[str]:
     if not target.is_file():
         fail(f"{config}: extends {base!r}, but {target} is not a file")
     return [*bases(str(target), chain), str(target)]
+
+
+def check_config_file(config: str) -> None:
+    """``--config`` names a file that is not there: said, with the files of that name's folder that come closest
+    (jsonargparse's own message for it is empty). A value holding YAML itself (a newline or a brace) is left alone."""
+    if Path(config).is_file() or "\n" in config or config.lstrip().startswith("{"):
+        return
+    import difflib
+
+    folder = Path(config).parent
+    siblings = [str(folder / p.name) for p in sorted(folder.glob("*.y*ml"))] if folder.is_dir() else []
+    close = difflib.get_close_matches(config, siblings, n=3, cutoff=0.6)
+    fail(f"--config {config}: no such file" + (f"; did you mean {' or '.join(close)}?" if close else ""))
 
 
 def expand_extends(args: list[str]) -> list[str]:
@@ -171,32 +189,64 @@ class TRDCLI(LightningCLI):
         if config.get("extends"):
             fail(f"extends {config.extends!r}: a base is read from a config file given with --config, before parsing; here it would do nothing")
         if subcommand:
+            self.check_root_dir(config)
             self.resolve_checkpoint(config)
+            if subcommand in ("test", "validate"):
+                self.evaluation_log_dir(config, subcommand)
+
+    @staticmethod
+    def check_root_dir(config) -> None:
+        """``trainer.default_root_dir`` moves nothing when the config's logger has a ``save_dir`` (logs, checkpoints
+        and the exported student all go there): said, instead of ignored."""
+        root, logger = config.trainer.get("default_root_dir"), config.trainer.get("logger")
+        save_dir = getattr(getattr(logger, "init_args", None), "save_dir", None) if logger not in (None, True, False) else None
+        if root and save_dir and Path(root).resolve() != Path(save_dir).resolve():
+            fail(f"trainer.default_root_dir={root} would move nothing: the logger's save_dir ({save_dir}) decides where the logs, "
+                 f"checkpoints and exported student go; set --trainer.logger.init_args.save_dir={root} instead")
 
     def resolve_checkpoint(self, config) -> None:
-        """``--ckpt_path last``: the newest ``last.ckpt`` of this config's logger, whose log folder the
-        resumed run then continues. Any checkpoint is checked to load before anything else starts."""
+        """``--ckpt_path last``: the ``last.ckpt`` of this run (``reliability.find_last_checkpoint``), whose log folder
+        the resumed run then continues. Any checkpoint is checked to load before anything else starts."""
         path = config.get("ckpt_path")
         if not path:
             return
         if path == "last":
             logger = config.trainer.get("logger")
             init = getattr(logger, "init_args", None) if logger not in (None, True, False) else None
-            if init:
-                save_dir, name = init.save_dir, init.get("name") or "lightning_logs"
-            else:
-                save_dir, name = config.trainer.default_root_dir or ".", "lightning_logs"
-            found = find_last_checkpoint(save_dir, name)
-            if found is None:
-                fail(f"--ckpt_path last: no {Path(save_dir, name, 'version_*', 'checkpoints', 'last.ckpt')} to resume from")
-            path, version = found
-            config.ckpt_path = str(path)
-            if init is not None:
-                init.version = version
+            try:
+                if init is not None:
+                    found, version = find_last_checkpoint(init.save_dir, init.get("name") or "lightning_logs", init.get("version"))
+                    init.version = version
+                elif logger is False:  # no logger: Lightning's checkpoints go to <default_root_dir>/checkpoints
+                    found = Path(config.trainer.default_root_dir or ".", "checkpoints", "last.ckpt")
+                    if not found.is_file():
+                        raise CheckpointError(f"--ckpt_path last: no {found} to resume from")
+                else:
+                    found, _ = find_last_checkpoint(config.trainer.default_root_dir or ".", "lightning_logs")
+            except CheckpointError as error:
+                fail(str(error))
+            config.ckpt_path = str(found)
         try:
             check_checkpoint(config.ckpt_path)
         except CheckpointError as error:
             fail(str(error))
+
+    @staticmethod
+    def evaluation_log_dir(config, subcommand: str) -> None:
+        """``trd test`` / ``validate`` never write into a training run's folder (its ``config.yaml`` is the record of
+        how the model was trained): evaluating a run's checkpoint writes to ``<run>/<subcommand>/``, anything else to
+        ``<save_dir>/<name>_<subcommand>/version_K``, never a ``version_K`` that ``--ckpt_path last`` could take for a run."""
+        logger = config.trainer.get("logger")
+        init = getattr(logger, "init_args", None) if logger not in (None, True, False) else None
+        if init is None or not init.get("save_dir"):
+            return
+        name = init.get("name") or "lightning_logs"
+        checkpoint = Path(config.ckpt_path).resolve() if config.get("ckpt_path") else None
+        run = checkpoint.parent.parent if checkpoint is not None and checkpoint.parent.name == "checkpoints" else None
+        if run is not None and run.parent == Path(init.save_dir, name).resolve() and "sub_dir" in init and not init.get("sub_dir"):
+            init.version, init.sub_dir = run.name, subcommand
+        else:
+            init.name = f"{name}_{subcommand}"
 
     def instantiate_classes(self) -> None:
         try:
@@ -296,8 +346,21 @@ def concise(text: str) -> str:
     return message or text
 
 
+class UsageError(SystemExit):
+    """A bad input, said in one line on stderr; exit status 2, as argparse exits for a command used wrongly."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def fail(message: str) -> None:
-    raise SystemExit(f"trd: error: {message}")
+    message = f"trd: error: {message}"
+    print(message, file=sys.stderr)
+    raise UsageError(message)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -308,10 +371,11 @@ def main(args: list[str] | None = None) -> None:
         return plan_command(argv[1:])
     try:
         TRDCLI(args=args)
-    except SIGTERMException:
-        sys.exit("trd: stopped by SIGTERM after a checkpoint (last.ckpt); resume with --ckpt_path last")
+    except SIGTERMException as stop:
+        by = getattr(stop, "signal_name", "SIGTERM")
+        sys.exit(f"trd: stopped by {by} after a checkpoint (last.ckpt); resume with --ckpt_path last")
     except (DataError, CheckpointError, SettingsError, TeacherSetupError, PrecisionError, SleepSettingsError, PlanError) as error:
-        sys.exit(f"trd: error: {error}")  # the message is the whole story
+        fail(str(error))  # the message is the whole story
     except ResumableError as error:  # a teacher server stayed down: nothing of the run is lost
         saved = f"saved {error.checkpoint}; once it is back, resume with --ckpt_path last" if error.checkpoint else "nothing was saved"
         sys.exit(f"trd: error: {error}\ntrd: stopped: {saved}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -41,6 +42,15 @@ class WarmupCosine:
 
     def build(self, optimizer: Optimizer, total_steps: int) -> LambdaLR:
         return LambdaLR(optimizer, lambda step: self.factor(step, total_steps))
+
+
+def check_optimizer(optimizer_factory) -> None:
+    """Build the optimizer once over a stand-in parameter, so its arguments (a negative learning rate, betas out of
+    range, a misspelt keyword) are refused when the config is read, not after a validation pass has run."""
+    try:
+        optimizer_factory([torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"model.optimizer: {error}; fix its init_args") from None
 
 
 def optimizer_and_schedule(optimizer_factory, lr_schedule: WarmupCosine | None, model, total_steps: int):

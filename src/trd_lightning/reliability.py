@@ -5,19 +5,23 @@
 - ``GracefulInterrupt``: SIGTERM or SIGINT lets the current step finish, then writes ``last.ckpt`` (under DDP too);
 - ``ResumableError`` / ``SaveOnResumableError``: a service outside the trainer (a teacher server) stayed down, so the
   run writes ``last.ckpt`` (the weights of the last finished step) and stops; ``--ckpt_path last`` goes on;
-- ``SafeCheckpointIO``: loads weights-only and names the file when it is truncated or corrupt;
+- ``SafeCheckpointIO``: writes beside the target and renames (atomic on every local filesystem, whatever ``TMPDIR``
+  is), loads weights-only and names the file when it is truncated or corrupt;
 - ``find_last_checkpoint``: what ``--ckpt_path last`` means, across the logger's version folders.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
 import signal
+import tempfile
 from pathlib import Path
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -168,7 +172,7 @@ class GracefulInterrupt(Callback):
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
+        self.requested: str | None = None  # the name of the signal received
         self.previous: dict = {}
 
     def on_train_start(self, trainer, pl_module):
@@ -190,16 +194,24 @@ class GracefulInterrupt(Callback):
     def _on_signal(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
         rank_zero_info(f"{signal.Signals(signum).name} received: finishing this step, then saving last.ckpt"
                        + (" (interrupt again to stop at once)" if signum == signal.SIGINT else ""))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+        if not trainer.strategy.reduce_boolean_decision(bool(self.requested), all=False):
             return
         path = save_last(trainer)
         rank_zero_info(f"interrupted after step {trainer.global_step}: saved {path}; resume with --ckpt_path last")
-        raise SIGTERMException  # every process at once: they agreed above
+        raise Interrupted(self.requested or "a signal to another process")  # every process at once: they agreed above
+
+
+class Interrupted(SIGTERMException):
+    """The run stopped on a signal after saving ``last.ckpt``; says which (Lightning's class is for SIGTERM alone)."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
 
 
 class ResumableError(RuntimeError):
@@ -278,8 +290,30 @@ def check_checkpoint(path: str | Path) -> None:
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
-    """Lightning's atomic writes (a temporary file, moved into place when complete), plus weights-only
-    loading and an error that names a truncated or corrupt file."""
+    """Atomic writes on local disks: the checkpoint is written to a temporary file in the target's own folder, flushed
+    to disk, then renamed over the target, so a process killed at any point leaves the old file or the new one, never
+    a part. (Lightning's write goes through a temporary file in ``TMPDIR``; when that is another filesystem, as
+    ``/dev/shm`` or node-local scratch often is, its final move is a copy, and a kill during it left a 0-byte
+    ``last.ckpt``.) Remote paths keep Lightning's write. Loading is weights-only, with an error that names a
+    truncated or corrupt file."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in target.parent.glob(f".{target.name}.*.partial"):  # a write killed before it could clean up
+            leftover.unlink(missing_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+        try:
+            with os.fdopen(handle, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
 
     def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None):
         if not Path(path).is_file():
@@ -293,14 +327,39 @@ class SafeCheckpointIO(TorchCheckpointIO):
             ) from error
 
 
-def find_last_checkpoint(save_dir: str | Path, name: str) -> tuple[Path, int] | None:
-    """The newest ``<save_dir>/<name>/version_N/checkpoints/last.ckpt`` and its N."""
-    found = []
-    for path in Path(save_dir, name).glob("version_*/checkpoints/last.ckpt"):
-        suffix = path.parent.parent.name.removeprefix("version_")
-        if suffix.isdigit():
-            found.append((int(suffix), path))
-    if not found:
-        return None
-    version, path = max(found)
-    return path, version
+def find_last_checkpoint(save_dir: str | Path, name: str, version: int | str | None = None) -> tuple[Path, int | str]:
+    """What ``--ckpt_path last`` resumes: the ``last.ckpt`` of one run, ``<save_dir>/<name>/version_N``, and its N.
+
+    The run is the one named (``version``), else the newest version folder, the run the last ``trd fit`` wrote to.
+    When that run has no ``last.ckpt`` (it stopped before its first checkpoint) while older runs have, resuming one of
+    those is a guess that would continue, and overwrite, another run: refused, the candidates listed.
+    Raises ``CheckpointError`` when there is nothing to resume."""
+    root = Path(save_dir, name)
+    if version is not None:
+        folder = root / (version if isinstance(version, str) else f"version_{version}")
+        if not (folder / "checkpoints" / "last.ckpt").is_file():
+            raise CheckpointError(f"--ckpt_path last: {folder / 'checkpoints' / 'last.ckpt'} does not exist")
+        return folder / "checkpoints" / "last.ckpt", version
+    runs = sorted((int(f.name.removeprefix("version_")), f) for f in root.glob("version_*") if f.name.removeprefix("version_").isdigit())
+    if not runs:
+        raise CheckpointError(f"--ckpt_path last: no {root / 'version_*' / 'checkpoints' / 'last.ckpt'} to resume from")
+    newest, folder = runs[-1]
+    last = folder / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return last, newest
+    others = [f"version_{n} ({describe_checkpoint(f / 'checkpoints' / 'last.ckpt')})" for n, f in runs if (f / "checkpoints" / "last.ckpt").is_file()]
+    if not others:
+        raise CheckpointError(f"--ckpt_path last: no {root / 'version_*' / 'checkpoints' / 'last.ckpt'} to resume from")
+    raise CheckpointError(
+        f"--ckpt_path last: the newest run, {folder}, has no checkpoint (it stopped before its first); resuming an older "
+        f"run would continue and overwrite it. Runs with one: {', '.join(others)}. Name the run: "
+        "--trainer.logger.init_args.version=N, or --ckpt_path PATH"
+    )
+
+
+def describe_checkpoint(path: Path) -> str:
+    """The step a checkpoint holds, read without loading its tensors."""
+    try:
+        return f"step {torch.load(path, map_location='meta', weights_only=True, mmap=True).get('global_step', '?')}"
+    except Exception:
+        return "unreadable"

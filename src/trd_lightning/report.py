@@ -80,10 +80,10 @@ class FitReport(Callback):
         steps = self.columns()
         if steps:
             table = Table(title="validation")
-            table.add_column("metric", overflow="fold")
+            table.add_column("metric", no_wrap=True)
             for step in steps:
                 when = "before" if step == 0 else "after" if step == trainer.global_step else ""
-                table.add_column(f"step {step}" + (f" ({when})" if when else ""), justify="right")
+                table.add_column(f"step {step}\n{when}", justify="right", no_wrap=True)
             names = list(dict.fromkeys(name for step in steps for name in self.validations[step]))
             for name in names:
                 table.add_row(name, *(f"{self.validations[s][name]:.4f}" if name in self.validations[s] else "" for s in steps))

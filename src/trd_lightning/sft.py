@@ -13,8 +13,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from trd_lightning.data.prompts import PromptBatch
 from trd_lightning.evaluation import EvaluationMixin
-from trd_lightning.models import ModelSpec, export_hf, last_hidden_at, load_model, load_tokenizer, output_head, stop_token_ids
-from trd_lightning.optim import WarmupCosine, optimizer_and_schedule
+from trd_lightning.models import ModelSpec, check_model_files, export_hf, last_hidden_at, load_model, load_tokenizer, output_head, stop_token_ids
+from trd_lightning.optim import WarmupCosine, check_optimizer, optimizer_and_schedule
 from trd_lightning.rollout import HFEngine, RolloutEngine, Sampling
 from trd_lightning.verifiers import ExactMatch, Verifier
 from trd_lightning.views import ModelInputs
@@ -50,6 +50,7 @@ class SFTModule(EvaluationMixin, LightningModule):
     ):
         super().__init__()
         self.model_spec = model
+        check_optimizer(optimizer)
         self.optimizer_factory = optimizer
         self.lr_schedule = lr_schedule
         self.engine = engine or HFEngine()
@@ -57,6 +58,7 @@ class SFTModule(EvaluationMixin, LightningModule):
         self.verifier = verifier or ExactMatch()
         self.pass_k = list(pass_k)
         self.export_dir = export_dir
+        check_model_files(model, "trained", "model.init_args.model")  # a path not there, or a folder that cannot load
         self.tokenizer = load_tokenizer(model)
         self.model = None
         self.evaluated = ("model",)

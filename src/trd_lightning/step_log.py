@@ -44,6 +44,16 @@ class StepLog(Callback):
         self.samples_every = samples_every
         self.samples_shown = samples_shown
 
+    def on_train_start(self, trainer, pl_module):
+        # Resumed at step S: the rows of steps S and later, written by the run that stopped, are written again.
+        path = self.samples_path(trainer)
+        if trainer.global_step and path is not None and path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            path.write_text("".join(line for line in lines if json.loads(line)["step"] < trainer.global_step), encoding="utf-8")
+
+    def samples_path(self, trainer) -> Path | None:
+        return None if trainer.log_dir is None else Path(trainer.log_dir) / "samples" / f"rank{trainer.global_rank}.jsonl"
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         result: StepResult = outputs["result"]
         # The same decisions on every rank: gathering the record is a collective.
@@ -76,8 +86,8 @@ class StepLog(Callback):
                       "y_r": targets.texts[r] if targets.refined[r] else None}
             sample.update({name: values[r] for name, values in rows.items() if name in SAMPLE_FIELDS and math.isfinite(values[r])})
             samples.append(sample)
-        if trainer.log_dir is not None:
-            path = Path(trainer.log_dir) / "samples" / f"rank{trainer.global_rank}.jsonl"
+        path = self.samples_path(trainer)
+        if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a", encoding="utf-8") as handle:
                 handle.writelines(json.dumps(sample) + "\n" for sample in samples)
