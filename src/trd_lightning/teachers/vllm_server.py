@@ -91,7 +91,7 @@ class VLLMServerTeacher(Teacher):
         except ServerUnavailableError as error:
             raise TeacherSetupError(
                 f"the teacher server at {url} is not reachable: {error}. Start it first (`vllm serve MODEL --served-model-name "
-                f"{self.model} --max-logprobs {max(self.top_k, 1)}`, see the README) or fix model.teacher.init_args.urls"
+                f"{self.model} --max-logprobs {max(self.top_k, 1)}`, see docs/served-teacher.md) or fix model.teacher.init_args.urls"
             ) from None
         if self.model not in served:
             raise TeacherSetupError(f"the teacher server at {url} serves {served}, not {self.model!r}; set model.teacher.init_args.model "
