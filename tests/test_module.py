@@ -78,9 +78,8 @@ def test_teacher_gets_no_gradient_and_stays_bit_identical(student_dir, teacher_d
 def test_missing_model_path_is_a_clear_error(teacher_dir):
     with pytest.raises(FileNotFoundError, match="model path '/no/such/model' does not exist.*local copy"):
         DistillationModule(student=ModelSpec(path="/no/such/model"), teacher=SeparateTeacher(ModelSpec(path=teacher_dir)))
-    module = DistillationModule(student=ModelSpec(path=teacher_dir), teacher=SeparateTeacher(ModelSpec(path="/no/teacher")))
-    with pytest.raises(FileNotFoundError, match="'/no/teacher' does not exist"):
-        module.configure_model()
+    with pytest.raises(FileNotFoundError, match="model.init_args.teacher.init_args.model.path: teacher model path '/no/teacher' does not exist"):
+        SeparateTeacher(ModelSpec(path="/no/teacher"))  # refused when the config is read, before any weights load
 
 
 def test_a_teacher_is_required(student_dir):

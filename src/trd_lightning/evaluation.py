@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from trd_lightning.data.prompts import PromptBatch
+from trd_lightning.data.prompts import DataError, PromptBatch
 from trd_lightning.diagnostics import PositionProfile
 from trd_lightning.metrics import SampledAccuracy
 from trd_lightning.rollout.base import STUDENT, Rollouts
@@ -196,8 +196,19 @@ class DistillationEvaluation(EvaluationMixin):
             experiment.add_figure("test/divergence_by_position", figure, self.global_step)
 
 
+def answer_setting(datamodule, split: str, name: str) -> str:
+    """The column(s) a dataset's reference answer is read from, as the data module's ``answer_field`` names them."""
+    fields = datamodule.dataset_fields(split, name) if hasattr(datamodule, "dataset_fields") else {}
+    column = fields.get("answer", "answer")
+    if isinstance(column, dict):
+        columns = [c for value in column.values() for c in (value if isinstance(value, list) else [value])]
+        return "the answer (from " + ", ".join(f"`{c}`" for c in columns) + ")"
+    return f"the answer field `{column}`"
+
+
 def check_answers(verifier, datamodule, splits: list[str]) -> None:
-    """Fail before any compute when the verifier cannot read a reference answer of an evaluation set."""
+    """Fail before any compute when the verifier cannot read a reference answer of an evaluation set: a ``DataError``
+    naming the file and row."""
     from trd_lightning.verifiers import AnswerParseError
 
     for split in splits:
@@ -206,10 +217,40 @@ def check_answers(verifier, datamodule, splits: list[str]) -> None:
                 try:
                     verifier.check_answer(item["answer"])
                 except AnswerParseError as error:
-                    raise ValueError(
-                        f"{item.get('source', split)}: {error}; fix the answer, or choose a verifier that reads it "
-                        f"(model.verifier; {type(verifier).__name__} is set)"
+                    raise DataError(
+                        f"{item.get('source', split)}: {error} (in {answer_setting(datamodule, split, name)}); fix the row or drop "
+                        f"it, or choose a verifier that reads it (model.verifier; {type(verifier).__name__} is set)"
                     ) from None
+
+
+def warn_unreadable_answers(verifier, datamodule, splits: list[str], shown: int = 5) -> int:
+    """For verifiers that read training answers (``Verifier.check_training_answers``): warn once per dataset, naming
+    the file and row of each training row whose answer the verifier cannot read (its responses count as failed, and
+    the verifier does not warn of it again). Returns how many rows were named."""
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    from trd_lightning.verifiers import AnswerParseError
+
+    if not verifier.check_training_answers:
+        return 0
+    named = 0
+    for split in splits:
+        for name in datamodule.dataset_names(split):
+            bad = []
+            for item in datamodule.prepare(split, name):
+                try:
+                    verifier.check_answer(item["answer"])
+                except AnswerParseError as error:
+                    bad.append((item.get("source", split), str(error)))
+                    verifier.named_unreadable.add(str(item["answer"]))
+            if bad:
+                rows = "; ".join(f"{where}: {error}" for where, error in bad[:shown])
+                more = f"; and {len(bad) - shown} more" if len(bad) > shown else ""
+                it = "them" if len(bad) > 1 else "it"
+                rank_zero_warn(f"{len(bad)} {split} row(s): {answer_setting(datamodule, split, name)} cannot be read by "
+                               f"{type(verifier).__name__} ({rows}{more}); responses to {it} count as failed; fix or drop {it}")
+                named += len(bad)
+    return named
 
 
 def plot_position_profiles(profiles: dict[str, list[float]], title: str):

@@ -208,6 +208,54 @@ def resolve_path(path: str, what: str = "model") -> Path:
     return resolved
 
 
+# What from_pretrained reads from a saved model folder: its weights, and a tokenizer (any one of these files).
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "*.tiktoken")
+
+
+def has_files(folder: Path, patterns: tuple[str, ...]) -> bool:
+    return any(next(folder.glob(pattern), None) is not None for pattern in patterns)
+
+
+def check_model_files(spec: ModelSpec, role: str, key: str, needs_tokenizer: bool = True) -> None:
+    """Refuse, before anything loads, a model whose files cannot load: a path that is not there, or a folder without
+    ``config.json``, without weights, or (``needs_tokenizer``, with no ``tokenizer`` of its own) without a tokenizer.
+    Each refusal names the folder, what it lacks and the setting (``key``, e.g. ``model.init_args.student``). A GGUF
+    model (``gguf_file``) is left to transformers, which reads everything from that one file."""
+    folders = {}
+    for name, value in (("tokenizer", spec.tokenizer), ("path", spec.path)):
+        if value is not None:
+            try:
+                folders[name] = resolve_path(value, f"{role} {'tokenizer' if name == 'tokenizer' else 'model'}")
+            except FileNotFoundError as error:
+                raise FileNotFoundError(f"{key}.{name}: {error}") from None
+    tokenizer = folders.get("tokenizer")
+    if tokenizer is not None and tokenizer.is_dir() and not has_files(tokenizer, TOKENIZER_FILES):
+        raise FileNotFoundError(f"{key}.tokenizer: the {role} tokenizer folder {spec.tokenizer} holds no tokenizer "
+                                f"(none of {', '.join(TOKENIZER_FILES)}); point it at a folder a tokenizer was saved to")
+    folder = folders.get("path")
+    if folder is None or spec.gguf_file:
+        return
+    if not folder.is_dir():
+        hint = (f"; for a GGUF file give its folder as path and gguf_file: {folder.name}" if folder.suffix == ".gguf"
+                else "; give the folder a model was saved to (with save_pretrained)")
+        raise FileNotFoundError(f"{key}.path: the {role} model path {spec.path} is a file, not a model folder{hint}")
+    missing = []
+    if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+        missing.append("no config.json")
+    if not has_files(folder, WEIGHT_FILES):
+        missing.append("no weights (*.safetensors or *.bin)")
+    if needs_tokenizer and tokenizer is None and not has_files(folder, TOKENIZER_FILES):
+        missing.append("no tokenizer (tokenizer.json or tokenizer_config.json)")
+    if missing:
+        present = sorted(p.name for p in folder.iterdir())
+        holds = f"it holds {', '.join(present[:8])}{', ...' if len(present) > 8 else ''}" if present else "it is empty"
+        raise FileNotFoundError(
+            f"{key}.path: the {role} model folder {spec.path} has {', '.join(missing)}; {holds}. Point it at a complete "
+            "model folder (as save_pretrained writes it), or copy the missing files in"
+        )
+
+
 def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 
@@ -221,6 +269,36 @@ def load_tokenizer(spec: ModelSpec):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def own_tokenizer(spec: ModelSpec):
+    """The tokenizer a model ships (its ``tokenizer``, else its folder's or GGUF file's), or None when it ships none
+    transformers can read."""
+    if spec.tokenizer is None and spec.gguf_file is None:
+        folder = resolve_path(spec.path)
+        if folder.is_dir() and not has_files(folder, TOKENIZER_FILES):
+            return None
+    try:
+        return load_tokenizer(spec)
+    except (OSError, ValueError):
+        return None
+
+
+def vocabulary_difference(student, teacher) -> str | None:
+    """How the teacher's tokenizer maps tokens to ids differently from the student's: the first token id they disagree
+    on, and how many do; None when they agree."""
+    ours, theirs = student.get_vocab(), teacher.get_vocab()
+    if ours == theirs:
+        return None
+    by_id = [{index: token for token, index in vocab.items()} for vocab in (ours, theirs)]
+    differing = sorted(i for i in by_id[0].keys() | by_id[1].keys() if by_id[0].get(i) != by_id[1].get(i))
+    if not differing:  # two tokens on one id in one of them: the same ids, told apart by the token
+        return f"they map {len(ours.keys() ^ theirs.keys())} tokens differently"
+    first = differing[0]
+    said = ["absent" if by_id[k].get(first) is None else repr(by_id[k][first]) for k in (0, 1)]
+    sizes = f"; the student's has {len(ours)} tokens, the teacher's {len(theirs)}" if len(ours) != len(theirs) else ""
+    count = "1 id differs" if len(differing) == 1 else f"{len(differing)} ids differ"
+    return f"token id {first} is {said[0]} for the student and {said[1]} for the teacher ({count}{sizes})"
 
 
 def _read_if_file(text: str) -> str:

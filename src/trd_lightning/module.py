@@ -24,10 +24,10 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from trd_lightning.data.prompts import PromptBatch
+from trd_lightning.data.prompts import DataError, PromptBatch
 from trd_lightning.diagnostics import DEFAULT_PIVOTS, diagnose_rewrites, pivot_token_ids
 from trd_lightning.distributed import sum_over_ranks
-from trd_lightning.evaluation import DistillationEvaluation, check_answers
+from trd_lightning.evaluation import DistillationEvaluation, check_answers, warn_unreadable_answers
 from trd_lightning.losses import Divergence, DivergenceOutput
 from trd_lightning.memory_plan import PlanError, RunShape, check_fits, largest_budget_that_fits
 from trd_lightning.metrics import check_pass_k
@@ -36,6 +36,7 @@ from trd_lightning.models import (
     ModelSpec,
     Sharding,
     base_model,
+    check_model_files,
     check_plain_head,
     export_hf,
     last_hidden_at,
@@ -46,7 +47,7 @@ from trd_lightning.models import (
     stop_token_ids,
     vocab_size,
 )
-from trd_lightning.optim import WarmupCosine, optimizer_and_schedule
+from trd_lightning.optim import WarmupCosine, check_optimizer, optimizer_and_schedule
 from trd_lightning.precision import check_precision_settings, check_trainable_float32, compute_dtype
 from trd_lightning.refiners import Identity, Refiner, Targets, TeacherAccess
 from trd_lightning.reliability import GracefulInterrupt, NonFiniteGuard, RolloutRandomness, SaveOnResumableError
@@ -210,6 +211,7 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         self.eval_sampling = eval_sampling or Sampling(greedy=True)
         check_pass_k(self.eval_sampling.n, pass_k)
         self.verifier = verifier or ExactMatch()
+        check_optimizer(optimizer)
         self.optimizer_factory = optimizer
         self.lr_schedule = lr_schedule
         self.max_context_tokens = max_context_tokens
@@ -227,7 +229,9 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self.nonfinite = NonFiniteGuard(max_consecutive_skips)
         self.automatic_optimization = False  # a step holds several micro-batches: the module runs the optimizer
+        check_model_files(student, "student", "model.init_args.student")  # a path not there, or a folder that cannot load
         self.tokenizer = load_tokenizer(student)
+        self.teacher.check_tokenizer(self.tokenizer, student)  # the vocabularies agree, seen from the files
         self.prompts = ChatPrompts(self.tokenizer)
         self.check_sampling(student.config_vocab_size())  # before any weights load; again once they have
         self.pivot_ids = pivot_token_ids(self.tokenizer, pivot_tokens)
@@ -242,6 +246,8 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         self.evaluated = ("student", "teacher")
         self.metrics = torch.nn.ModuleDict()
         self.profiles = self.make_profiles()
+        self.training_rows_checked = False  # warned of training rows the verifier cannot read (once per run)
+        self.context_checked: set[tuple[str, str]] = set()  # (split, dataset) whose problems fit max_context_tokens
 
     # -- setup -------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -306,13 +312,42 @@ class DistillationModule(DistillationEvaluation, LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
         if "solution" in self.refiner.required_fields() and datamodule is not None and not datamodule.has_solutions:
-            raise ValueError(
+            raise SettingsError(
                 "the refiner's templates need the reference solution (OPSD and reference-based refining read it), "
                 "but the data has none; set data.solution_field to the column that holds it"
             )
         if datamodule is not None:
             check_answers(self.verifier, datamodule, {"fit": ["val"], "validate": ["val"], "test": ["test"]}.get(stage, []))
+            # The training rows, at fit, or already at the validation before fit when the CLI has read them for it.
+            training = ["train"] if stage == "fit" or ("train", "train") in getattr(datamodule, "datasets", {}) else []
+            if training and not self.training_rows_checked:
+                warn_unreadable_answers(self.verifier, datamodule, training)
+                self.training_rows_checked = True
+            self.check_context_lengths(datamodule, training + (["test"] if stage == "test" else []))
         self.setup_metrics()
+
+    def check_context_lengths(self, datamodule, splits: list[str]) -> None:
+        """Every teacher context the refiner will render for these splits' problems fits ``max_context_tokens`` once
+        its attempt and reference solution are cut to nothing (the problem never is): else a ``DataError`` naming the
+        row and the lengths, when the data is read rather than in the middle of a step."""
+        templates = self.refiner.teacher_templates()
+        for split in splits:
+            for name in datamodule.dataset_names(split) if templates else []:
+                if (split, name) in self.context_checked:
+                    continue
+                items = list(datamodule.prepare(split, name))
+                for template in templates:
+                    over = [(items[i], length) for i, length in self.prompts.too_long(template, [item["problem"] for item in items],
+                                                                                       self.max_context_tokens)]
+                    if over:
+                        (item, length), others = over[0], f"; {len(over) - 1} more problems of it are too" if len(over) > 1 else ""
+                        raise DataError(
+                            f"{item['source']}: the teacher's context from the {template.role} {template.spec!r} is {length} tokens "
+                            f"for this problem with the attempt and reference solution cut to nothing (the student's prompt is "
+                            f"{len(item['prompt_ids'])} tokens), over model.init_args.max_context_tokens={self.max_context_tokens}"
+                            f"{others}; raise max_context_tokens to at least {max(n for _, n in over)}, or shorten or drop the problem"
+                        )
+                self.context_checked.add((split, name))
 
     def configure_callbacks(self):
         check_trainer(self.trainer)  # Lightning calls this before it checks the trainer itself, with a vaguer message

@@ -20,6 +20,16 @@ class Verifier(ABC):
     """Base class: ``extract`` pulls the final answer out of a response (None when it has none),
     ``equal`` compares it with the reference answer."""
 
+    #: Whether the training rows' answers are read with ``check_answer`` when the data is (a row it cannot read is
+    #: warned about, naming its file and row): for verifiers where such a row silently counts as failed and reading
+    #: every answer is cheap. Evaluation answers are always checked.
+    check_training_answers: bool = False
+
+    @property
+    def named_unreadable(self) -> set[str]:
+        """Answers whose rows a warning has named already (``evaluation.warn_unreadable_answers``): not warned of again."""
+        return self.__dict__.setdefault("_named_unreadable", set())
+
     @abstractmethod
     def extract(self, response: str) -> str | None:
         """The final answer stated in ``response``, or None."""
@@ -182,6 +192,8 @@ class CodeVerifier(Verifier):
         float_tolerance: numbers in outputs are equal within this relative or absolute difference.
     """
 
+    check_training_answers = True  # a training row without usable tests (TACO has some) counts as failed: named at setup
+
     def __init__(self, isolation: str = "auto", limits: Limits | None = None, workers: int | None = None,
                  python: str | None = None, site_packages: bool = False, float_tolerance: float = 1e-6):
         self.sandbox = Sandbox(isolation, limits, workers, python)
@@ -224,8 +236,10 @@ class CodeVerifier(Verifier):
                 tests = parse_tests(str(answer))
             except BadTestsError as error:
                 # Evaluation sets are checked before any compute; a training row without usable tests (TACO has
-                # some) must not stop training over a diagnostic: it counts as failed, and is reported once.
-                _warn_once(f"a row's tests cannot be read ({error}); responses to such rows count as failed")
+                # some) must not stop training over a diagnostic: it counts as failed, and is reported once (by file
+                # and row when the data was read: ``evaluation.warn_unreadable_answers``).
+                if str(answer) not in self.named_unreadable:
+                    _warn_once(f"a row's tests cannot be read ({error}); responses to such rows count as failed")
                 counts.append(0)
                 continue
             counts.append(len(tests))

@@ -48,10 +48,7 @@ class ChatPrompts:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def chat_ids(self, user_message: str) -> list[int]:
-        messages = [{"role": "user", "content": user_message}]
-        if self.system_prompt:
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(self.messages(user_message), tokenize=False, add_generation_prompt=True)
         return self.text_ids(text)
 
     def response_ids(self, user_message: str, response: str, stop_ids: set[int]) -> list[int]:
@@ -71,6 +68,23 @@ class ChatPrompts:
         if stop is None:
             raise ValueError("the chat template ends an assistant turn with no stop token")
         return ids[: stop + 1]
+
+    def too_long(self, template: Template, problems: Sequence[str], max_tokens: int) -> list[tuple[int, int]]:
+        """(index, length) of each problem whose prompt from ``template`` is over ``max_tokens`` even with every
+        trimmable field (attempt, reference solution) cut to nothing: the least ``encode`` can make it, so these would
+        fail there. A text of at most ``max_tokens`` bytes is not tokenized (a token holds at least one byte)."""
+        empty = {field: "" for field in TRIMMABLE}
+        texts = {i: self.tokenizer.apply_chat_template(self.messages(template.render(problem=problem, **empty)), tokenize=False,
+                                                       add_generation_prompt=True) for i, problem in enumerate(problems)}
+        longer = [i for i, text in texts.items() if len(text.encode("utf-8")) > max_tokens]
+        lengths = self.tokenizer([texts[i] for i in longer], add_special_tokens=False)["input_ids"] if longer else []
+        return [(i, len(ids)) for i, ids in zip(longer, lengths) if len(ids) > max_tokens]
+
+    def messages(self, user_message: str) -> list[dict]:
+        messages = [{"role": "user", "content": user_message}]
+        if self.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return messages
 
     def encode(self, template: Template, max_tokens: int, **fields: str | None) -> list[int]:
         """Token ids of ``template`` filled with ``fields``, at most ``max_tokens`` long.

@@ -88,7 +88,7 @@ def test_prompt_over_the_limit_names_the_row_and_the_setting(tmp_path, tokenizer
 
 
 def test_missing_file_is_a_clear_error(tokenizer):
-    with pytest.raises(FileNotFoundError, match="data path '/nowhere/x.jsonl' does not exist"):
+    with pytest.raises(DataError, match="data.init_args.train_path: train data path '/nowhere/x.jsonl' does not exist"):
         PromptDataModule(train_path="/nowhere/x.jsonl", tokenizer=tokenizer).setup("fit")
 
 

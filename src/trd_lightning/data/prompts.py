@@ -45,7 +45,10 @@ class PromptBatch:
 
 def read_records(path: str) -> list[dict]:
     """Rows of a ``.jsonl`` or ``.parquet`` file. JSONL errors name the line."""
-    file = resolve_path(path, "data")
+    try:
+        file = resolve_path(path, "data")
+    except FileNotFoundError as error:
+        raise DataError(str(error)) from None
     if file.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -252,11 +255,28 @@ class PromptDataModule(LightningDataModule):
 
     def setup(self, stage: str) -> None:
         splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}[stage]
+        for split in splits:  # every file of the stage is there, before any is read
+            for name in self.dataset_names(split):
+                self.check_path(split, name)
         for split in splits:
             if split == "val" and not self.paths["val"]:
                 continue
             for name in self.dataset_names(split) or [split]:
                 self.prepare(split, name)
+
+    def setting(self, split: str, name: str) -> str:
+        """Where a config sets this dataset's path."""
+        return f"data.init_args.{split}_path" + ("" if name == split else f".{name}")
+
+    def check_path(self, split: str, name: str) -> None:
+        """The dataset's file is there; else a ``DataError`` naming the setting and the path."""
+        path = self.paths[split][name]
+        try:
+            file = resolve_path(path, f"{split} data")
+        except FileNotFoundError as error:
+            raise DataError(f"{self.setting(split, name)}: {error}") from None
+        if not file.is_file():
+            raise DataError(f"{self.setting(split, name)}: the {split} data path {path!r} is a folder; give a .jsonl or .parquet file")
 
     def train_dataloader(self) -> StatefulDataLoader:
         # Stateful: Lightning checkpoints its position (and shuffle generator), so a resumed run goes on mid-epoch.
@@ -287,40 +307,49 @@ STARTER = "{problem}\n\nYour solution must start from this code:\n```python\n{st
 _STEP = re.compile(r"\.([^.\[\]]+)|\[(-?\d+)\]")
 
 
+MISSING = object()  # ``find``'s answer for a field that is not there (a field that is null is None)
+
+
 def lookup(record: dict, path: str):
     """A row's value at ``path``: a column, or a column followed by ``[index]`` / ``.key`` steps into its
     data (a column holding JSON text is decoded first). None when absent."""
+    value = find(record, path)
+    return None if value is MISSING else value
+
+
+def find(record: dict, path: str):
+    """As ``lookup``, but ``MISSING`` when the field is absent, None when it is there and null."""
     if path in record:
         return record[path]
     head = re.match(r"[^.\[\]]+", path)
     if head is None or head[0] not in record:
-        return None
+        return MISSING
     value, rest = record[head[0]], path[head.end():]
     steps = list(_STEP.finditer(rest))
     if "".join(step[0] for step in steps) != rest:
-        return None  # not a path this reads: reported as a missing field
+        return MISSING  # not a path this reads: reported as a missing field
     for step in steps:
         if isinstance(value, str):
             try:
                 value = json.loads(value)
             except json.JSONDecodeError:
-                return None
+                return MISSING
         key, index = step.groups()
         try:
             value = value[int(index)] if index is not None else value[key]
         except (IndexError, KeyError, TypeError):
-            return None
+            return MISSING
     return value
 
 
 def field_value(record: dict, path: str, where: str, key: str):
-    value = lookup(record, path)
-    if value is None:
+    value = find(record, path)
+    fix = "; set `solution_field: null` if the data has no reference solutions" if key == SOLUTION else ""
+    if value is MISSING:
         present = ", ".join(k for k in record if k != "_line")
-        raise DataError(
-            f"{where}: missing the field {path!r} (set by `{key}_field`); the row has: {present}"
-            + ("; set `solution_field: null` if the data has no reference solutions" if key == SOLUTION else "")
-        )
+        raise DataError(f"{where}: missing the field {path!r} (set by `{key}_field`); the row has: {present}{fix}")
+    if value is None:
+        raise DataError(f"{where}: the field {path!r} (set by `{key}_field`) is null; give the row its {key}, or drop the row{fix}")
     return value
 
 

@@ -61,6 +61,11 @@ class Refiner(ABC):
         (None: the student's prompt)."""
         return None
 
+    def teacher_templates(self) -> list[Template]:
+        """Every template the teacher's contexts are rendered from (each limited to ``max_context_tokens``), so that a
+        problem too long for one is refused when the data is read, not in the middle of a step."""
+        return [self.scoring_template] if self.scoring_template is not None else []
+
     def scoring_contexts(self, batch: PromptBatch, prompt_index: Sequence[int], teacher: TeacherAccess) -> list[list[int]]:
         return self.contexts(self.scoring_template, batch, prompt_index, teacher)
 

@@ -70,6 +70,9 @@ class TeacherRewrite(Refiner):
     def scoring_template(self) -> Template | None:
         return self.fallback_template
 
+    def teacher_templates(self) -> list[Template]:
+        return [self.template, *super().teacher_templates()]
+
     def required_fields(self) -> set[str]:
         fields = set(self.template.fields) | set(self.fallback_template.fields if self.fallback_template else ())
         return fields - {PROBLEM, ATTEMPT}

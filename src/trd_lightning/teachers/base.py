@@ -47,6 +47,10 @@ class Teacher(ABC):
         """Refuse, with the reason, a divergence this teacher's scores cannot compute."""
         divergence.check_teacher(self.scores, self.top_k, self.describe())
 
+    def check_tokenizer(self, tokenizer, student) -> None:
+        """Refuse, before any weights load, a teacher whose vocabulary is seen from its files alone to differ from the
+        student's (``student``: its ``ModelSpec``; ``tokenizer``: its tokenizer). ``setup`` checks again on load."""
+
     def describe(self) -> str:
         return f"the {type(self).__name__}"
 

@@ -19,20 +19,23 @@ from torch import nn
 
 from trd_lightning.models import (
     ModelSpec,
+    check_model_files,
     check_plain_head,
     evaluating,
     is_peft,
     is_sharded,
     last_hidden_at,
     load_model,
-    load_tokenizer,
     output_head,
+    own_tokenizer,
     packs_sequences,
     vocab_size,
+    vocabulary_difference,
 )
 from trd_lightning.rollout.base import STUDENT, RolloutEngine, Rollouts, Sampling
 from trd_lightning.scores import DenseScores
 from trd_lightning.teachers.base import Teacher
+from trd_lightning.teachers.vllm_server import TeacherSetupError
 from trd_lightning.views import ModelInputs
 
 TEACHER = "teacher"  # the rollout engine's role for a teacher with its own weights
@@ -63,7 +66,7 @@ class LocalTeacher(Teacher):
         self.student, self.engine = student, engine
         self.own = self.build(student)  # a frozen copy is taken before any sharding
         with self.scope() as teacher:
-            check_vocabularies(student, teacher, tokenizer, getattr(self, "model", None))
+            check_vocabularies(student, teacher, tokenizer, getattr(self, "model", None), not getattr(self, "tokenizer_checked", False))
             check_plain_head(teacher, "teacher")
         return self.own
 
@@ -103,10 +106,30 @@ class LocalTeacher(Teacher):
 class SeparateTeacher(LocalTeacher):
     """OPD: a separate, usually larger, model. It must share the student's vocabulary."""
 
+    #: Where a config sets the teacher's model, for the messages that name it.
+    KEY = "model.init_args.teacher.init_args.model"
+
     def __init__(self, model: ModelSpec):
         if model.lora is not None:
             raise ValueError("the teacher does not train, so it takes no `lora` block; drop it from teacher.model")
+        check_model_files(model, "teacher", self.KEY, needs_tokenizer=False)  # before anything loads
         self.model = model
+        self.tokenizer_checked = False
+
+    def check_tokenizer(self, tokenizer, student: ModelSpec) -> None:
+        """Before any weights load: the heads' sizes in the two configs agree and the teacher's own tokenizer, where it
+        ships one, maps every token to the id the student's does (``setup`` checks the loaded heads again)."""
+        sizes = [config_vocab_size(spec) for spec in (student, self.model)]
+        fix = f"set {self.KEY}.path to a model of the student's family (the same tokenizer)"
+        if None not in sizes and sizes[0] != sizes[1]:
+            raise TeacherSetupError(f"the student ({student.name}) and the teacher ({self.model.name}) must share a vocabulary: the "
+                                    f"student's has {sizes[0]} tokens and the teacher's {sizes[1]} (vocab_size in their configs); {fix}")
+        theirs = own_tokenizer(self.model)
+        difference = None if theirs is None else vocabulary_difference(tokenizer, theirs)
+        if difference is not None:
+            raise TeacherSetupError(f"the student ({student.name}) and the teacher ({self.model.name}) have different tokenizers: "
+                                    f"{difference}; token ids go between them, so they must share one vocabulary: {fix}")
+        self.tokenizer_checked = True
 
     def build(self, student: nn.Module) -> nn.Module:
         return freeze(load_model(self.model))
@@ -152,21 +175,30 @@ class SelfTeacher(LocalTeacher):
                 yield module
 
 
-def check_vocabularies(student: nn.Module, teacher: nn.Module, tokenizer, spec: ModelSpec | None) -> None:
-    """The teacher's head has the student's vocabulary size and, where it ships a tokenizer, the same token ids."""
+def config_vocab_size(spec: ModelSpec) -> int | None:
+    """A model's vocabulary size from its config alone; None when it cannot be read without loading more."""
+    try:
+        return spec.config_vocab_size()
+    except (OSError, ValueError):
+        return None
+
+
+def check_vocabularies(student: nn.Module, teacher: nn.Module, tokenizer, spec: ModelSpec | None, tokenizers: bool = True) -> None:
+    """The teacher's head has the student's vocabulary size and (``tokenizers``, unless ``SeparateTeacher.check_tokenizer``
+    did already) where it ships a tokenizer, the same token ids."""
     student_size, teacher_size = vocab_size(student), vocab_size(teacher)
     if student_size != teacher_size:
-        raise ValueError(
-            f"student and teacher must share a vocabulary: the student's has {student_size} tokens and the "
+        named = f" ({spec.name})" if spec is not None else ""
+        raise TeacherSetupError(
+            f"student and teacher{named} must share a vocabulary: the student's has {student_size} tokens and the "
             f"teacher's {teacher_size}; pick a teacher from the student's model family"
         )
-    if spec is not None and (spec.tokenizer or spec.path):
-        try:
-            teacher_vocab = load_tokenizer(spec).get_vocab()
-        except (OSError, ValueError):
-            return  # the teacher ships no tokenizer of its own; the head sizes matched
-        if teacher_vocab != tokenizer.get_vocab():
-            raise ValueError("student and teacher tokenizers map tokens to different ids; they must share one vocabulary")
+    if tokenizers and spec is not None and (spec.tokenizer or spec.path):
+        theirs = own_tokenizer(spec)
+        difference = None if theirs is None else vocabulary_difference(tokenizer, theirs)
+        if difference is not None:
+            raise TeacherSetupError(f"the student's and the teacher's ({spec.name}) tokenizers map tokens to different ids: "
+                                    f"{difference}; they must share one vocabulary")
 
 
 def exclude_reloadable_teacher(module: LightningModule, attribute: str, teacher: Teacher) -> None:
