@@ -51,7 +51,7 @@ def test_ddp_metric_reduction_equals_one_process(tmp_path):
                 *(["--trainer.strategy=ddp"] if devices > 1 else [])]
         done = run_test(args, ROOT)
         assert done.returncode == 0, done.stderr[-3000:]
-        results[devices] = json.loads((tmp_path / f"ddp{devices}" / "version_0" / "results.json").read_text())
+        results[devices] = json.loads((tmp_path / f"ddp{devices}_test" / "version_0" / "results.json").read_text())
     single, double = results[1], results[2]
     assert [r["problems"] for r in single["results"]] == [5, 5] == [r["problems"] for r in double["results"]]
     assert single["results"] == double["results"]
@@ -85,7 +85,7 @@ def test_the_code_config_trains_and_tests_through_trd(tmp_path, monkeypatch):
               "--trainer.enable_progress_bar=false"]
     main(["fit", *common, "--trainer.max_steps=1"])
     main(["test", *common])
-    results = json.loads((tmp_path / "code_smollm2_trd" / "version_1" / "results.json").read_text())["results"]
+    results = json.loads((tmp_path / "code_smollm2_trd_test" / "version_0" / "results.json").read_text())["results"]
     datasets = ("humaneval_plus", "mbpp_plus", "livecodebench")
     assert {(r["dataset"], r["who"]) for r in results} == {(d, w) for d in datasets for w in ("student", "teacher")}
     assert all("tests_passed" in r and r["avg@2"] == 0.0 for r in results)  # random tiny models write no program
@@ -99,7 +99,7 @@ def test_trd_test_on_code_reports_each_dataset(tmp_path, monkeypatch):
           "--trainer.enable_progress_bar=false", "--trainer.limit_test_batches=1",
           "--model.init_args.eval_sampling.n=1", "--model.init_args.eval_sampling.max_new_tokens=32",
           "--model.init_args.refiner.init_args.sampling.max_new_tokens=32", "--model.init_args.pass_k=[1]"])
-    results = json.loads((tmp_path / "code_smollm2_trd" / "version_0" / "results.json").read_text())["results"]
+    results = json.loads((tmp_path / "code_smollm2_trd_test" / "version_0" / "results.json").read_text())["results"]
     rows = {(r["dataset"], r["who"]): r for r in results}
     assert {d for d, _ in rows} == {"humaneval_plus", "mbpp_plus", "livecodebench"}
     for (dataset, who), row in rows.items():

@@ -45,6 +45,11 @@ def test_test_after_fit_keeps_the_runs_config_and_writes_beside_it(tmp_path):
     main(["test", *fit_args("opd", tmp_path, "t", 300)[1:], "--trainer.limit_test_batches=1", "--data.init_args.eval_batch_size=4",
           f"--ckpt_path={elsewhere}"])
     assert (tmp_path / "t_test/version_0/results.json").is_file()
+    # A version named for the results: written as named.
+    main(["test", *fit_args("opd", tmp_path, "t", 300)[1:], "--trainer.limit_test_batches=1", "--data.init_args.eval_batch_size=4",
+          f"--ckpt_path={tmp_path / 't/version_0/checkpoints/last.ckpt'}", "--trainer.logger.init_args.version=mine"])
+    assert (tmp_path / "t/mine/results.json").is_file()
+    assert (tmp_path / "t/version_0/config.yaml").read_text() == record
 
 
 def test_a_resumed_run_writes_each_steps_samples_once(tmp_path):

@@ -190,9 +190,11 @@ class TRDCLI(LightningCLI):
             fail(f"extends {config.extends!r}: a base is read from a config file given with --config, before parsing; here it would do nothing")
         if subcommand:
             self.check_root_dir(config)
+            init = getattr(config.trainer.get("logger"), "init_args", None)
+            version_given = init is not None and init.get("version") is not None
             self.resolve_checkpoint(config)
             if subcommand in ("test", "validate"):
-                self.evaluation_log_dir(config, subcommand)
+                self.evaluation_log_dir(config, subcommand, version_given)
 
     @staticmethod
     def check_root_dir(config) -> None:
@@ -232,10 +234,11 @@ class TRDCLI(LightningCLI):
             fail(str(error))
 
     @staticmethod
-    def evaluation_log_dir(config, subcommand: str) -> None:
+    def evaluation_log_dir(config, subcommand: str, version_given: bool) -> None:
         """``trd test`` / ``validate`` never write into a training run's folder (its ``config.yaml`` is the record of
-        how the model was trained): evaluating a run's checkpoint writes to ``<run>/<subcommand>/``, anything else to
-        ``<save_dir>/<name>_<subcommand>/version_K``, never a ``version_K`` that ``--ckpt_path last`` could take for a run."""
+        how the model was trained): evaluating a run's checkpoint writes to ``<run>/<subcommand>/``; with no version
+        named, anything else goes to ``<save_dir>/<name>_<subcommand>/version_K``, never a ``version_K`` that
+        ``--ckpt_path last`` could take for a run. A version named for another folder is written as named."""
         logger = config.trainer.get("logger")
         init = getattr(logger, "init_args", None) if logger not in (None, True, False) else None
         if init is None or not init.get("save_dir"):
@@ -243,9 +246,11 @@ class TRDCLI(LightningCLI):
         name = init.get("name") or "lightning_logs"
         checkpoint = Path(config.ckpt_path).resolve() if config.get("ckpt_path") else None
         run = checkpoint.parent.parent if checkpoint is not None and checkpoint.parent.name == "checkpoints" else None
-        if run is not None and run.parent == Path(init.save_dir, name).resolve() and "sub_dir" in init and not init.get("sub_dir"):
+        in_run = run is not None and run.parent == Path(init.save_dir, name).resolve()
+        named_run = not version_given or (in_run and str(init.version).removeprefix("version_") == run.name.removeprefix("version_"))
+        if in_run and named_run and "sub_dir" in init and not init.get("sub_dir"):
             init.version, init.sub_dir = run.name, subcommand
-        else:
+        elif not version_given:
             init.name = f"{name}_{subcommand}"
 
     def instantiate_classes(self) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
 
 # Validations kept in the table when there were more: the first, the last, and this many in between, evenly spread.
 MAX_COLUMNS = 5
@@ -71,8 +70,13 @@ class FitReport(Callback):
             lines.append(("see the curves", f"tensorboard --logdir {board.save_dir}"))
         return lines
 
-    @rank_zero_only
     def print(self, trainer, pl_module) -> None:
+        """On every rank (``trainer.log_dir`` is a collective under DDP); rank 0 prints."""
+        lines = self.facts(trainer, pl_module)
+        if trainer.is_global_zero:
+            self.render(trainer, lines)
+
+    def render(self, trainer, lines: list[tuple[str, str]]) -> None:
         from rich.console import Console
         from rich.table import Table
 
@@ -88,7 +92,6 @@ class FitReport(Callback):
             for name in names:
                 table.add_row(name, *(f"{self.validations[s][name]:.4f}" if name in self.validations[s] else "" for s in steps))
             console.print(table)
-        lines = self.facts(trainer, pl_module)
         width = max(len(what) for what, _ in lines)
         console.print("fit done", style="bold")
         for what, value in lines:  # plain lines, never cut to the terminal's width: paths are to be copied
