@@ -15,8 +15,8 @@ from __future__ import annotations
 import random
 
 from trd_lightning.data.chain import CORRUPTIONS, flawed_attempt, sample_problem
-from trd_lightning.data.prompts import read_records
 from trd_lightning.data.sft import SFTDataModule
+from trd_lightning.data.sources import read_rows
 from trd_lightning.templates import Template
 
 KINDS = ("plain", "privileged", "refine", "refine_reference")
@@ -89,7 +89,7 @@ class ChainSFTData(SFTDataModule):
         self.templates = {kind: Template(spec, f"{kind} template") for kind, spec in names.items()}
 
     def train_examples(self) -> list[tuple[str, str]]:
-        held_out = {str(r["problem"]) for path in self.exclude_paths for r in read_records(path)}
+        held_out = {str(r["problem"]) for path in self.exclude_paths for r in read_rows(path)}
         rng = random.Random(self.seed)
         kinds, weights = list(self.mixture), list(self.mixture.values())
         examples = []

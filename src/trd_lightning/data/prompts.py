@@ -1,5 +1,6 @@
-"""Prompt data: problems (with an answer and, for OPSD, a reference solution) from JSONL or parquet,
-rendered with the student's prompt template and the tokenizer's chat template."""
+"""Prompt data: problems (with an answer and, for OPSD, a reference solution) from JSONL, parquet or CSV files, a
+``save_to_disk`` folder or a hub dataset in the local cache (``data.sources``), rendered with the student's prompt
+template and the tokenizer's chat template."""
 
 from __future__ import annotations
 
@@ -14,14 +15,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
+from trd_lightning.data.sources import DataError, locate, read_rows
 from trd_lightning.distributed import distributed
-from trd_lightning.models import resolve_path
 from trd_lightning.templates import PROBLEM, SOLUTION, Template
 from trd_lightning.views import ChatPrompts, PromptTooLongError
-
-
-class DataError(ValueError):
-    pass
 
 
 @dataclass
@@ -41,38 +38,6 @@ class PromptBatch:
     def prompts_of(self, prompt_index: Sequence[int]) -> list[list[int]]:
         """The student prompt of each row (a rollout's, by its ``prompt_index``)."""
         return [self.prompt_ids[i] for i in prompt_index]
-
-
-def read_records(path: str) -> list[dict]:
-    """Rows of a ``.jsonl`` or ``.parquet`` file. JSONL errors name the line."""
-    try:
-        file = resolve_path(path, "data")
-    except FileNotFoundError as error:
-        raise DataError(str(error)) from None
-    if file.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(file).to_pylist()
-    if file.suffix not in (".jsonl", ".json"):
-        raise DataError(f"data file {path!r} must be .jsonl or .parquet")
-    records = []
-    with open(file, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise DataError(f"{path}:{number}: the line is not valid UTF-8 ({error.reason} at byte {error.start})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(record).__name__}")
-            record["_line"] = number
-            records.append(record)
-    return records
 
 
 class PromptDataset(Dataset):
@@ -125,11 +90,15 @@ class PromptDataModule(LightningDataModule):
     ``solutions`` list).
 
     Args:
-        train_path: the training problems: a local ``.jsonl`` or ``.parquet`` file; null: none (evaluation only).
+        train_path: the training problems: a ``.jsonl``, ``.parquet`` or ``.csv`` file, a folder written by ``datasets``'
+            ``save_to_disk`` or holding data files, or a hub dataset id (``owner/name``) already in the local hub cache,
+            read offline; as a mapping, ``{path: ..., split: ..., config: ...}`` picks a split (and a hub dataset's
+            configuration) and may override the fields as ``val_path``'s mappings do. Null: none (evaluation only).
         val_path: the validation problems: one such file, or several as ``{name: path}``; metrics are then
             reported per dataset, as ``val/<name>/...``. A dataset in its own schema gives a mapping instead
             of the path: ``{path: ..., problem_field: ..., answer_field: ..., solution_field: ...,
-            starter_field: ..., prompt_template: ...}``, each key overriding the module's setting. Null: no validation.
+            starter_field: ..., prompt_template: ...}``, each key overriding the module's setting (and ``split``,
+            ``config``: which split and configuration of a saved or hub dataset). Null: no validation.
         test_path: the test problems, given as ``val_path`` is (metrics as ``test/<name>/...``).
         problem_field: where a row's problem is (a column, or a path into one).
         answer_field: where a row's reference answer is (a column, or a path into one). It may also map names to
@@ -153,7 +122,7 @@ class PromptDataModule(LightningDataModule):
 
     def __init__(
         self,
-        train_path: str | None = None,
+        train_path: str | dict | None = None,
         val_path: str | dict[str, str | dict] | None = None,
         test_path: str | dict[str, str | dict] | None = None,
         problem_field: str = "problem",
@@ -226,12 +195,12 @@ class PromptDataModule(LightningDataModule):
         template = self.template
         if "prompt_template" in overrides:
             template = Template(overrides["prompt_template"], f"{split}_path {name!r} prompt_template").require(PROBLEM)
-        records = read_records(path)
+        records = read_rows(path, overrides.get("split"), overrides.get("config"))
         if not records:
             raise DataError(f"{split} data {path!r} is empty: it needs at least one problem")
         items = []
         for i, record in enumerate(records):
-            where = f"{path}:{record['_line']}" if "_line" in record else f"{path} row {i}"
+            where = f"{path}:{record['_line']}"
             item = {"index": i, "source": where}
             for key, column in fields.items():
                 if column is None:
@@ -272,11 +241,9 @@ class PromptDataModule(LightningDataModule):
         """The dataset's file is there; else a ``DataError`` naming the setting and the path."""
         path = self.paths[split][name]
         try:
-            file = resolve_path(path, f"{split} data")
-        except FileNotFoundError as error:
+            locate(path, f"{split} data")
+        except DataError as error:
             raise DataError(f"{self.setting(split, name)}: {error}") from None
-        if not file.is_file():
-            raise DataError(f"{self.setting(split, name)}: the {split} data path {path!r} is a folder; give a .jsonl or .parquet file")
 
     def train_dataloader(self) -> StatefulDataLoader:
         # Stateful: Lightning checkpoints its position (and shuffle generator), so a resumed run goes on mid-epoch.
@@ -353,7 +320,7 @@ def field_value(record: dict, path: str, where: str, key: str):
     return value
 
 
-DATASET_KEYS = ("path", "problem_field", "answer_field", "solution_field", "starter_field", "prompt_template")
+DATASET_KEYS = ("path", "split", "config", "problem_field", "answer_field", "solution_field", "starter_field", "prompt_template")
 
 
 def dataset_spec(spec: str | dict, where: str) -> tuple[str, dict]:

@@ -10,7 +10,8 @@ from functools import partial
 
 from torch.utils.data import DataLoader
 
-from trd_lightning.data.prompts import DataError, PromptDataModule, PromptDataset, read_records
+from trd_lightning.data.prompts import DataError, PromptDataModule, PromptDataset
+from trd_lightning.data.sources import read_rows
 from trd_lightning.models import stop_token_ids
 from trd_lightning.views import ChatPrompts, ModelInputs, pack
 
@@ -38,7 +39,7 @@ class SFTDataModule(PromptDataModule):
 
     def train_examples(self) -> list[tuple[str, str]]:
         path = self.paths["train"].get("train")
-        records = read_records(path) if path else []
+        records = read_rows(path) if path else []
         for record in records:
             for column in (self.prompt_field, self.response_field):
                 if column not in record:
