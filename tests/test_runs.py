@@ -16,8 +16,21 @@ CKPT_EVERY_STEP = "--trainer.callbacks.init_args.every_n_train_steps=1"
 
 
 def test_resume_refuses_an_older_run_when_the_newest_has_no_checkpoint(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
     main(fit_args("opd", tmp_path, "r", 2, CKPT_EVERY_STEP))
-    (tmp_path / "r/version_1").mkdir()  # what a run killed before its first checkpoint leaves
+    # A second run, killed (SIGKILL: no handler runs) once its log folder exists, before its first checkpoint.
+    killed = subprocess.Popen([sys.executable, "-m", "trd_lightning.cli", *fit_args("opd", tmp_path, "r", 100)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "r/version_1").is_dir() and time.monotonic() < deadline and killed.poll() is None:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert (tmp_path / "r/version_1").is_dir() and not (tmp_path / "r/version_1/checkpoints").exists()
     with pytest.raises(SystemExit) as refused:
         main(fit_args("opd", tmp_path, "r", 4, CKPT_EVERY_STEP, "--ckpt_path=last"))
     message = str(refused.value)
@@ -28,7 +41,7 @@ def test_resume_refuses_an_older_run_when_the_newest_has_no_checkpoint(tmp_path)
     main(fit_args("opd", tmp_path, "r", 3, CKPT_EVERY_STEP, "--ckpt_path=last", "--trainer.logger.init_args.version=0"))
     assert (tmp_path / "r/version_0/checkpoints/last.ckpt").is_file()
     assert yaml.safe_load((tmp_path / "r/version_0/config.yaml").read_text())["trainer"]["max_steps"] == 3
-    assert list((tmp_path / "r/version_1").iterdir()) == []
+    assert not (tmp_path / "r/version_1/checkpoints").exists()
 
 
 def test_test_after_fit_keeps_the_runs_config_and_writes_beside_it(tmp_path):
