@@ -1,8 +1,10 @@
-"""Code verification throughput: verified responses per second for 256 responses x 10 stdin/stdout tests
-(one sandbox run per test, through CodeVerifier's worker pool), under each isolation that works here, and
-the sandbox's overhead against a bare subprocess running the same programs with the same pool width.
+"""Code verification throughput: verified responses per second for 256 responses x 10 tests (one sandbox run
+per test, through CodeVerifier's worker pool), under each isolation that works here, and the sandbox's
+overhead against a bare subprocess running the same programs with the same pool width. ``--style`` picks the
+tests: stdin/stdout cases, function calls (TACO's ``fn_name``), or one assertion program holding all the
+checks (EvalPlus; one run per response).
 
-    python benchmarks/verify_throughput.py [--responses 256] [--tests 10] [--workers 2]
+    python benchmarks/verify_throughput.py [--style stdin|call|assert] [--responses 256] [--tests 10] [--workers 2]
 """
 
 from __future__ import annotations
@@ -20,14 +22,21 @@ from trd_lightning.code_tests import jobs, parse_tests
 from trd_lightning.sandbox import Limits, SandboxError
 from trd_lightning.verifiers import CodeVerifier
 
-CORRECT = "```python\nn = int(input())\nxs = list(map(int, input().split()))\nprint(sum(xs) * n)\n```"
-WRONG = "```python\nn = int(input())\nxs = list(map(int, input().split()))\nprint(sum(xs) + n)\n```"
+STDIN = "```python\nn = int(input())\nxs = list(map(int, input().split()))\nprint(sum(xs) {} n)\n```"
+FUNCTION = "```python\ndef f(n, xs):\n    return sum(xs) {} n\n```"
+PROGRAMS = {"stdin": STDIN, "call": FUNCTION, "assert": FUNCTION}  # right with "*", wrong with "+"
 
 
-def problem(tests: int) -> str:
-    inputs = [f"{i + 1}\n" + " ".join(str(j) for j in range(i + 3)) + "\n" for i in range(tests)]
-    outputs = [f"{(i + 1) * sum(range(i + 3))}\n" for i in range(tests)]
-    return json.dumps({"inputs": inputs, "outputs": outputs})
+def problem(style: str, tests: int) -> str:
+    cases = [(i + 1, list(range(i + 3))) for i in range(tests)]
+    if style == "stdin":
+        return json.dumps({"inputs": [f"{n}\n" + " ".join(map(str, xs)) + "\n" for n, xs in cases],
+                           "outputs": [f"{n * sum(xs)}\n" for n, xs in cases]})
+    if style == "call":
+        tests = {"fn_name": "f", "inputs": [list(case) for case in cases], "outputs": [n * sum(xs) for n, xs in cases]}
+        return json.dumps({"tests": json.dumps(tests)})  # as TACO's input_output column
+    checks = "".join(f"    assert candidate({n}, {xs}) == {n * sum(xs)}\n" for n, xs in cases)
+    return json.dumps({"test": "def check(candidate):\n" + checks, "entry_point": "f"})
 
 
 def bare(python: str, answer: str, responses: list[str], workers: int) -> float:
@@ -45,7 +54,7 @@ def bare(python: str, answer: str, responses: list[str], workers: int) -> float:
                 with open(os.path.join(directory, name), "w") as handle:
                     handle.write(text)
             argv = [python if a == "{python}" else a for a in job.argv]
-            return subprocess.run(argv, input=job.stdin.encode(), capture_output=True, cwd=directory, timeout=30).returncode
+            return subprocess.run(argv, input=(job.stdin or "").encode(), capture_output=True, cwd=directory, timeout=30).returncode
         finally:
             shutil.rmtree(directory)
 
@@ -57,15 +66,17 @@ def bare(python: str, answer: str, responses: list[str], workers: int) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--style", choices=list(PROGRAMS), default="stdin")
     parser.add_argument("--responses", type=int, default=256)
     parser.add_argument("--tests", type=int, default=10)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    answer = problem(args.tests)
-    responses = [WRONG if i % 4 == 3 else CORRECT for i in range(args.responses)]
+    answer = problem(args.style, args.tests)
+    responses = [PROGRAMS[args.style].format("+" if i % 4 == 3 else "*") for i in range(args.responses)]
     expected = [i % 4 != 3 for i in range(args.responses)]
-    runs = args.responses * args.tests
-    print(f"{args.responses} responses x {args.tests} stdin/stdout tests = {runs} runs, {args.workers} workers, {os.cpu_count()} cores")
+    runs = args.responses * len(parse_tests(answer))
+    kind = {"stdin": "stdin/stdout", "call": "function-call", "assert": "asserted"}[args.style]
+    print(f"{args.responses} responses x {args.tests} {kind} tests = {runs} runs, {args.workers} workers, {os.cpu_count()} cores")
     for isolation in ("bwrap", "unshare", "rlimits"):
         try:
             verifier = CodeVerifier(isolation=isolation, limits=Limits(), workers=args.workers)

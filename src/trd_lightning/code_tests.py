@@ -8,11 +8,32 @@ A row's ``answer`` (see ``PromptDataModule.answer_field``) is a JSON object with
   compressed form); a list of several such values (public and private cases) is merged;
 - ``fn_name``: the function the call-style cases call (a name, or LiveCodeBench's ``metadata`` JSON holding
   ``func_name``); TACO carries it inside ``tests``;
-- ``test`` and ``entry_point``: an assertion program (HumanEval+/MBPP+); ``check(<entry_point>)`` is called
-  when it defines ``check``;
-- ``prelude``: code placed before the solution (EvalPlus: the prompt, for its imports).
+- ``test`` and ``entry_point``: an assertion program (HumanEval+/MBPP+), run against the solution's
+  ``entry_point`` (the one name of the solution's it sees); ``check(<entry_point>)`` is called when it
+  defines ``check``;
+- ``prelude``: code placed before the solution, and run before the assertion program (EvalPlus: the prompt,
+  for its imports and helpers).
 
 A plain (non-object) answer is read as ``tests``.
+
+**Verdicts** come from evidence, never from an exit status alone. A stdin/stdout case passes when its
+output, compared here, is right. Function tests (call-style cases, assertion programs) run ``HARNESS``: the
+solution runs in a child process that answers each call with its return value as plain data (exact built-in
+types, copied through ``marshal``); the checks run in the parent, the harness, where no code of the
+solution's ever runs; and the test passes only when the harness prints, after every check held, a token
+fresh to the run (a call's result on the line before it, compared here). The token and the checks (with
+their expected values) reach the harness on stdin, which it reads only after the fork; the child has no
+stdin and no stdout (/dev/null), and the harness is non-dumpable, so the child (same uid) can neither ptrace
+it nor open its ``/proc/<pid>/{mem,fd}``. So exiting with status 0 (at import or inside the function),
+printing a result or a verdict, returning an object whose ``__eq__`` says yes, patching builtins or exit
+handlers, reading the tests: all fail.
+
+Limits: the separation is the kernel's (a program that escapes the sandbox, or gains ptrace rights over its
+harness, could forge a verdict). Values cross as copies: checks that look at how the function changed its
+arguments, pass it anything but plain data, or use other names the solution defines (its classes, helpers)
+fail. ``marshal`` is not hardened against crafted bytes; it reads the child's replies only inside the
+sandbox, where a crash is a failed test. The price: a fork per function test, and a round trip between the
+processes per call (some 16 µs here).
 """
 
 from __future__ import annotations
@@ -24,6 +45,7 @@ import json
 import math
 import pickle
 import re
+import secrets
 import zlib
 from dataclasses import dataclass
 
@@ -33,24 +55,88 @@ KEYS = ("tests", "fn_name", "test", "entry_point", "prelude")
 _FENCE = re.compile(r"```[ \t]*([\w+.-]*)[^\n]*\n(.*?)```", re.DOTALL)
 PROGRAM = "solution.py"
 
-# Call-style cases: the solution runs as a module, its output discarded; the call's result is printed as JSON.
-CALL_HARNESS = r"""
-import io, json, sys
-args = json.loads(open("args.json").read())
-real_stdout, sys.stdout = sys.stdout, io.StringIO()
-namespace = {"__name__": "solution"}
-exec(compile(open("solution.py").read(), "solution.py", "exec"), namespace)
-name = json.loads(open("fn.json").read())
-function = namespace.get(name)
-if function is None and "Solution" in namespace:
-    function = getattr(namespace["Solution"](), name)
-if function is None:
-    raise SystemExit(f"the solution defines no function {name!r}")
-result = function(*args)
-if isinstance(result, tuple):
-    result = list(result)
-sys.stdout = real_stdout
-print(json.dumps(result))
+# Function tests: the harness (trusted) runs the prelude, then forks; the child loads the solution and answers
+# calls; the harness runs the checks, the entry point standing for a call to the child, and prints the token
+# last. ``plain`` copies a value into exact built-in types: in the child it converts (numpy values, subclasses
+# such as namedtuple or Counter), in the harness it refuses whatever else marshal may carry. For speed (each
+# is 1 ms or more a run): posix rather than os, _ctypes rather than ctypes, exec(text) rather than compile().
+HARNESS = r"""
+import _ctypes, marshal, posix, sys
+
+def plain(value):
+    if type(value).__module__ == "numpy":
+        value = value.tolist()
+    if value is None:
+        return None
+    for kind in (bool, int, float, complex, str, bytes, tuple, list, set, frozenset, dict):
+        if isinstance(value, kind):
+            if kind is dict:
+                return {plain(k): plain(v) for k, v in dict.items(value)}
+            return kind(map(plain, value)) if kind in (tuple, list, set, frozenset) else kind(value)
+    raise TypeError(f"returned a {type(value).__name__}, not plain data")
+
+def serve(name, calls, replies):
+    namespace = {"__name__": "solution"}
+    exec(open("solution.py").read(), namespace)
+    function = namespace.get(name)
+    if function is None and "Solution" in namespace:
+        function = getattr(namespace["Solution"](), name)
+    if function is None:
+        sys.exit(f"the solution defines no function {name!r}")
+    while True:
+        try:
+            args = marshal.load(calls)
+        except EOFError:
+            posix._exit(0)
+        try:
+            reply = marshal.dumps((True, plain(function(*args))))
+        except BaseException as error:
+            reply = marshal.dumps((False, f"{type(error).__name__}: {error}"))
+        replies.write(reply)
+        replies.flush()
+
+def call(*args):
+    marshal.dump(args, calls)
+    calls.flush()
+    ok, value = plain(marshal.load(replies))
+    if ok is not True:
+        raise RuntimeError(f"the solution failed: {value}")
+    return value
+
+class Int(_ctypes._SimpleCData):
+    _type_ = "i"
+
+class Function(_ctypes.CFuncPtr):
+    _flags_, _restype_ = _ctypes.FUNCFLAG_CDECL, Int
+
+name = sys.argv[1]
+namespace = {"__name__": "__main__"}
+exec(open("prelude.py").read(), namespace)  # before the fork: what it imports loads once
+# prctl(PR_SET_DUMPABLE, 0): the child (same uid) may not ptrace the harness nor open its /proc/<pid>/{mem,fd/*}
+if Function(_ctypes.dlsym(_ctypes.dlopen(None), "prctl"))(4, 0, 0, 0, 0):
+    sys.exit("cannot make the harness non-dumpable")
+calls_in, calls_out = posix.pipe()
+replies_in, replies_out = posix.pipe()
+child = posix.fork()
+if child == 0:
+    posix.close(calls_out)
+    posix.close(replies_in)
+    null = posix.open("/dev/null", posix.O_RDWR)
+    posix.dup2(null, 0)  # not the harness's stdin (the token, the checks)
+    posix.dup2(null, 1)  # nor its stdout (the verdict)
+    serve(name, open(calls_in, "rb"), open(replies_out, "wb"))
+    posix._exit(1)
+posix.close(calls_in)
+posix.close(replies_out)
+calls, replies = open(calls_out, "wb"), open(replies_in, "rb")
+token, checks = sys.stdin.read().split("\n", 1)
+namespace[name] = call
+try:
+    exec(checks, namespace)
+finally:  # reaped, pass or fail: outside a PID namespace an orphan's zombie would count against the uid's processes
+    posix.kill(child, 9)
+    posix.waitpid(child, 0)
+print(token)
 """
 
 
@@ -70,7 +156,7 @@ class Case:
 @dataclass(frozen=True)
 class Tests:
     cases: tuple[Case, ...] = ()
-    assertion: str | None = None  # a whole test program, run after the solution
+    assertion: str | None = None  # a whole test program, run by the harness against the entry point
     entry_point: str | None = None
     prelude: str = ""
 
@@ -168,8 +254,8 @@ def parse_tests(answer: str) -> Tests:
     tests = Tests(tuple(cases), assertion, spec.get("entry_point") or None, prelude)
     if not len(tests):
         raise BadTestsError("the row has no tests")
-    if assertion and "def check(" in assertion and not tests.entry_point:
-        raise BadTestsError("an assertion test defining check() needs the `entry_point` it checks")
+    if assertion and not tests.entry_point:
+        raise BadTestsError("an assertion test needs the `entry_point` it checks")
     return tests
 
 
@@ -182,25 +268,33 @@ def jobs(program: str, tests: Tests, site_packages: bool = False) -> list[Job]:
         if case.fn_name is None:
             out.append(Job({PROGRAM: program}, [*python, PROGRAM], stdin=case.input, meta={"case": case}))
         else:
-            files = {PROGRAM: program, "args.json": case.input, "fn.json": json.dumps(case.fn_name), "harness.py": CALL_HARNESS}
-            out.append(Job(files, [*python, "harness.py"], meta={"case": case}))
+            checks = f"import json\nprint(json.dumps({case.fn_name}(*json.loads({case.input!r}))))\n"
+            out.append(_function_job(program, "", checks, case.fn_name, python, case))
     if tests.assertion is not None:
-        text = tests.prelude + "\n\n" + program + "\n\n" + tests.assertion + "\n"
-        if "def check(" in tests.assertion:
-            text += f"\ncheck({tests.entry_point})\n"
-        out.append(Job({PROGRAM: text}, [*python, PROGRAM], meta={"case": None}))
+        checks = tests.assertion + (f"\ncheck({tests.entry_point})\n" if "def check(" in tests.assertion else "")
+        out.append(_function_job(program, tests.prelude, checks, tests.entry_point, python, None))
     return out
 
 
+def _function_job(program: str, prelude: str, checks: str, name: str, python: list[str], case: Case | None) -> Job:
+    """A run of ``HARNESS``; the token and the checks go on stdin, which only the harness reads."""
+    token = secrets.token_hex(16)
+    files = {PROGRAM: prelude + "\n\n" + program, "prelude.py": prelude, "harness.py": HARNESS}
+    return Job(files, [*python, "harness.py", name], stdin=f"{token}\n{checks}", meta={"case": case, "token": token})
+
+
 def passed(job: Job, result, tolerance: float) -> bool:
+    """stdin/stdout cases: the output. Function tests: the harness's token on the last line (it prints it only
+    after every check held), and for a call, the result it printed on the line before."""
     if not result.ok:
         return False
     case = job.meta["case"]
-    if case is None:
-        return True  # the assertion program ran to the end
-    if case.fn_name is not None:
-        return same_result(result.stdout, case.output, tolerance)
-    return same_output(result.stdout, case.output, tolerance)
+    if case is not None and case.fn_name is None:
+        return same_output(result.stdout, case.output, tolerance)
+    lines = result.stdout.splitlines()
+    if not lines or lines[-1] != job.meta["token"]:
+        return False
+    return case is None or (len(lines) > 1 and same_result(lines[-2], case.output, tolerance))
 
 
 def same_output(got: str, expected: str, tolerance: float) -> bool:
@@ -227,8 +321,8 @@ def _same_token(a: str, b: str, tolerance: float) -> bool:
 def same_result(got: str, expected: str, tolerance: float) -> bool:
     """A call's JSON result against the expected value; TACO wraps some expected results in a list."""
     try:
-        value = json.loads(got.strip().splitlines()[-1])
-    except (json.JSONDecodeError, IndexError):
+        value = json.loads(got)
+    except (json.JSONDecodeError, RecursionError):
         return False
     target = json.loads(expected)
     return _same_value(value, target, tolerance) or (isinstance(target, list) and len(target) == 1 and _same_value(value, target[0], tolerance))
