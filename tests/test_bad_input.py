@@ -158,7 +158,8 @@ def test_an_evaluation_row_with_more_inputs_than_outputs_is_named_by_file_and_ro
     args = evaluation_args("validate", tmp_path, "--model.init_args.verifier=trd_lightning.verifiers.CodeVerifier",
                            f"--data.init_args.val_path={path}")
     message = refused(args, capsys, no_compute)
-    assert f"{path}:2: TACO-style tests need as many outputs as inputs (in the answer field `answer`); fix the row or drop it" in message
+    assert (f"{path}:2: TACO-style tests need as many outputs as inputs (got 3 inputs, 2 outputs) (in the answer field `answer`); "
+            "fix the row or drop it") in message
 
 
 def test_a_null_answer_is_said_to_be_null_not_missing(tmp_path, capsys, no_compute):
@@ -179,7 +180,7 @@ def test_a_training_row_without_usable_tests_is_warned_about_by_file_and_row(tmp
         warnings.simplefilter("always")
         main(args)
     said = [str(w.message) for w in caught]
-    named = [m for m in said if f"({path}:2: TACO-style tests need as many outputs as inputs)" in m]
+    named = [m for m in said if f"({path}:2: TACO-style tests need as many outputs as inputs (got 3 inputs, 2 outputs))" in m]
     assert len(named) == 1 and named[0].startswith("1 train row(s): the answer field `answer` cannot be read by CodeVerifier"), said
     assert "responses to it count as failed; fix or drop it" in named[0]
     assert not [m for m in said if m.startswith("a row's tests cannot be read")]  # not said again, without the row, at a step

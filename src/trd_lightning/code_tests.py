@@ -213,7 +213,8 @@ def _cases(data, fn_name: str | None) -> list[Case]:
     if isinstance(data, dict) and "inputs" in data:  # TACO / APPS
         inputs, outputs = data["inputs"], data.get("outputs")
         if not isinstance(outputs, list) or len(outputs) != len(inputs):
-            raise BadTestsError("TACO-style tests need as many outputs as inputs")
+            got = f"{len(outputs)} outputs" if isinstance(outputs, list) else "no list of outputs"
+            raise BadTestsError(f"TACO-style tests need as many outputs as inputs (got {len(inputs)} inputs, {got})")
         name = data.get("fn_name") or fn_name
         if name:
             return [Case(json.dumps(i if isinstance(i, list) else [i]), json.dumps(o), name) for i, o in zip(inputs, outputs)]
