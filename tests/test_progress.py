@@ -34,6 +34,17 @@ def test_the_default_bar_counts_steps_of_max_steps(tmp_path):
     assert "Epoch" not in task.description and "step" in task.description
 
 
+def test_steps_longer_than_rich_s_30_second_window_still_give_a_rate(tmp_path):
+    """At the reference scale a step takes minutes; rich's default window then holds one sample and no rate."""
+    bar = fit(tmp_path).progress_bar_callback
+    clock = iter(range(0, 10_000, 90))  # a step every 90 s
+    bar.progress.get_time = lambda: float(next(clock))
+    task_id = bar.progress.add_task("steps", total=10)
+    for step in range(1, 6):
+        bar.progress.update(task_id, completed=step)
+    assert bar.progress.tasks[task_id].speed == pytest.approx(1 / 90)
+
+
 def test_a_bar_the_config_chose_is_kept(tmp_path):
     trainer = fit(tmp_path, "--trainer.callbacks=lightning.pytorch.callbacks.TQDMProgressBar")
     assert type(trainer.progress_bar_callback) is TQDMProgressBar

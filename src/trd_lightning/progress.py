@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from lightning.pytorch.callbacks import RichProgressBar
 
 
@@ -13,6 +15,13 @@ class StepProgressBar(RichProgressBar):
     @property
     def total_train_batches(self) -> int | float:
         return self.trainer.max_steps if self.trainer.max_steps > 0 else super().total_train_batches
+
+    def _init_progress(self, trainer) -> None:
+        super()._init_progress(trainer)
+        if self.progress is not None:
+            # rich rates over the last 30 s only: a step longer than that (minutes, at 16k-token rollouts) left one
+            # sample in the window, so no rate and no ETA. Over the last 1,000 steps (rich keeps as many) instead.
+            self.progress.speed_estimate_period = math.inf
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         # Lightning resets the bar's task at every epoch: its clock and rate would restart while the count, set to the
