@@ -102,6 +102,13 @@ def check_config_file(config: str) -> None:
     fail(f"--config {config}: no such file" + (f"; did you mean {' or '.join(close)}?" if close else ""))
 
 
+def logger_args(config):
+    """The ``init_args`` of the trainer's logger as the config gives it (``class_path`` / ``init_args``); None for no
+    logger, Lightning's default one, or one given without arguments."""
+    logger = config.trainer.get("logger")
+    return None if logger in (None, True, False) else getattr(logger, "init_args", None)
+
+
 def expand_extends(args: list[str]) -> list[str]:
     """``--config X`` where X ``extends`` B (which extends A) becomes ``--config A --config B --config X --extends=null``:
     each file laid over the one before, exactly as if the files were given in that order, and ``extends`` left null so
@@ -190,7 +197,7 @@ class TRDCLI(LightningCLI):
             fail(f"extends {config.extends!r}: a base is read from a config file given with --config, before parsing; here it would do nothing")
         if subcommand:
             self.check_root_dir(config)
-            init = getattr(config.trainer.get("logger"), "init_args", None)
+            init = logger_args(config)
             version_given = init is not None and init.get("version") is not None
             self.resolve_checkpoint(config)
             if subcommand in ("test", "validate"):
@@ -200,8 +207,8 @@ class TRDCLI(LightningCLI):
     def check_root_dir(config) -> None:
         """``trainer.default_root_dir`` moves nothing when the config's logger has a ``save_dir`` (logs, checkpoints
         and the exported student all go there): said, instead of ignored."""
-        root, logger = config.trainer.get("default_root_dir"), config.trainer.get("logger")
-        save_dir = getattr(getattr(logger, "init_args", None), "save_dir", None) if logger not in (None, True, False) else None
+        root, init = config.trainer.get("default_root_dir"), logger_args(config)
+        save_dir = init.get("save_dir") if init is not None else None
         if root and save_dir and Path(root).resolve() != Path(save_dir).resolve():
             fail(f"trainer.default_root_dir={root} would move nothing: the logger's save_dir ({save_dir}) decides where the logs, "
                  f"checkpoints and exported student go; set --trainer.logger.init_args.save_dir={root} instead")
@@ -213,13 +220,12 @@ class TRDCLI(LightningCLI):
         if not path:
             return
         if path == "last":
-            logger = config.trainer.get("logger")
-            init = getattr(logger, "init_args", None) if logger not in (None, True, False) else None
+            init = logger_args(config)
             try:
                 if init is not None:
                     found, version = find_last_checkpoint(init.save_dir, init.get("name") or "lightning_logs", init.get("version"))
                     init.version = version
-                elif logger is False:  # no logger: Lightning's checkpoints go to <default_root_dir>/checkpoints
+                elif config.trainer.get("logger") is False:  # no logger: Lightning's checkpoints go to <default_root_dir>/checkpoints
                     found = Path(config.trainer.default_root_dir or ".", "checkpoints", "last.ckpt")
                     if not found.is_file():
                         raise CheckpointError(f"--ckpt_path last: no {found} to resume from")
@@ -239,8 +245,7 @@ class TRDCLI(LightningCLI):
         how the model was trained): evaluating a run's checkpoint writes to ``<run>/<subcommand>/``; with no version
         named, anything else goes to ``<save_dir>/<name>_<subcommand>/version_K``, never a ``version_K`` that
         ``--ckpt_path last`` could take for a run. A version named for another folder is written as named."""
-        logger = config.trainer.get("logger")
-        init = getattr(logger, "init_args", None) if logger not in (None, True, False) else None
+        init = logger_args(config)
         if init is None or not init.get("save_dir"):
             return
         name = init.get("name") or "lightning_logs"
