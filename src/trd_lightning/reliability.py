@@ -336,25 +336,27 @@ def find_last_checkpoint(save_dir: str | Path, name: str, version: int | str | N
     Raises ``CheckpointError`` when there is nothing to resume."""
     root = Path(save_dir, name)
     if version is not None:
-        folder = root / (version if isinstance(version, str) else f"version_{version}")
-        if not (folder / "checkpoints" / "last.ckpt").is_file():
-            raise CheckpointError(f"--ckpt_path last: {folder / 'checkpoints' / 'last.ckpt'} does not exist")
-        return folder / "checkpoints" / "last.ckpt", version
+        found = last_checkpoint(root / (version if isinstance(version, str) else f"version_{version}"))
+        if not found.is_file():
+            raise CheckpointError(f"--ckpt_path last: {found} does not exist")
+        return found, version
     runs = sorted((int(f.name.removeprefix("version_")), f) for f in root.glob("version_*") if f.name.removeprefix("version_").isdigit())
-    if not runs:
-        raise CheckpointError(f"--ckpt_path last: no {root / 'version_*' / 'checkpoints' / 'last.ckpt'} to resume from")
+    resumable = [(n, f) for n, f in runs if last_checkpoint(f).is_file()]
+    if not resumable:
+        raise CheckpointError(f"--ckpt_path last: no {last_checkpoint(root / 'version_*')} to resume from")
     newest, folder = runs[-1]
-    last = folder / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        return last, newest
-    others = [f"version_{n} ({describe_checkpoint(f / 'checkpoints' / 'last.ckpt')})" for n, f in runs if (f / "checkpoints" / "last.ckpt").is_file()]
-    if not others:
-        raise CheckpointError(f"--ckpt_path last: no {root / 'version_*' / 'checkpoints' / 'last.ckpt'} to resume from")
+    if resumable[-1][0] == newest:
+        return last_checkpoint(folder), newest
+    others = ", ".join(f"version_{n} ({describe_checkpoint(last_checkpoint(f))})" for n, f in resumable)
     raise CheckpointError(
         f"--ckpt_path last: the newest run, {folder}, has no checkpoint (it stopped before its first); resuming an older "
-        f"run would continue and overwrite it. Runs with one: {', '.join(others)}. Name the run: "
+        f"run would continue and overwrite it. Runs with one: {others}. Name the run: "
         "--trainer.logger.init_args.version=N, or --ckpt_path PATH"
     )
+
+
+def last_checkpoint(run: Path) -> Path:
+    return run / "checkpoints" / "last.ckpt"
 
 
 def describe_checkpoint(path: Path) -> str:
