@@ -16,7 +16,7 @@ MAX_COLUMNS = 5
 
 class FitReport(Callback):
     """Records every validation's metrics (those TensorBoard receives, by the optimizer step they describe) and the
-    fit's start; ``trd fit`` prints ``table()`` once training and its final validation are done."""
+    fit's start; ``trd fit`` calls ``print`` once training and its final validation are done."""
 
     def __init__(self):
         self.validations: dict[int, dict[str, float]] = {}  # optimizer step -> val/* metrics
@@ -56,13 +56,14 @@ class FitReport(Callback):
         tokens = getattr(pl_module, "tokens_trained", None)
         if tokens:
             lines.append(("target tokens trained", f"{tokens:,}"))
-        if trainer.log_dir is not None:
-            lines.append(("logs", str(trainer.log_dir)))
+        log_dir = trainer.log_dir  # a broadcast under DDP: read once
+        if log_dir is not None:
+            lines.append(("logs", str(log_dir)))
         checkpoints = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
         last = next((c.last_model_path or c.best_model_path for c in checkpoints if c.last_model_path or c.best_model_path), None)
         if last:
             lines.append(("checkpoint", last))
-        exported = Path(trainer.log_dir or trainer.default_root_dir) / "student_hf"
+        exported = Path(log_dir or trainer.default_root_dir) / "student_hf"
         if getattr(pl_module, "export_student", False) and exported.is_dir():
             lines.append(("exported student", str(exported)))
         board = next((logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)), None)
@@ -96,6 +97,7 @@ class FitReport(Callback):
         console.print("fit done", style="bold")
         for what, value in lines:  # plain lines, never cut to the terminal's width: paths are to be copied
             console.print(f"  {what:<{width}}  {value}", soft_wrap=True, highlight=False)
+
 
 def duration(seconds: float) -> str:
     minutes, seconds = divmod(round(seconds), 60)
