@@ -206,21 +206,29 @@ def answer_setting(datamodule, split: str, name: str) -> str:
     return f"the answer field `{column}`"
 
 
+def unreadable_answers(verifier, datamodule, split: str, name: str) -> list[tuple[dict, str]]:
+    """Each item of one dataset whose reference answer the verifier cannot read, with why."""
+    from trd_lightning.verifiers import AnswerParseError
+
+    bad = []
+    for item in datamodule.prepare(split, name):
+        try:
+            verifier.check_answer(item["answer"])
+        except AnswerParseError as error:
+            bad.append((item, str(error)))
+    return bad
+
+
 def check_answers(verifier, datamodule, splits: list[str]) -> None:
     """Fail before any compute when the verifier cannot read a reference answer of an evaluation set: a ``DataError``
     naming the file and row."""
-    from trd_lightning.verifiers import AnswerParseError
-
     for split in splits:
         for name in datamodule.dataset_names(split):
-            for item in datamodule.prepare(split, name):
-                try:
-                    verifier.check_answer(item["answer"])
-                except AnswerParseError as error:
-                    raise DataError(
-                        f"{item.get('source', split)}: {error} (in {answer_setting(datamodule, split, name)}); fix the row or drop "
-                        f"it, or choose a verifier that reads it (model.verifier; {type(verifier).__name__} is set)"
-                    ) from None
+            for item, error in unreadable_answers(verifier, datamodule, split, name)[:1]:
+                raise DataError(
+                    f"{item.get('source', split)}: {error} (in {answer_setting(datamodule, split, name)}); fix the row or drop "
+                    f"it, or choose a verifier that reads it (model.verifier; {type(verifier).__name__} is set)"
+                )
 
 
 def warn_unreadable_answers(verifier, datamodule, splits: list[str], shown: int = 5) -> int:
@@ -229,22 +237,15 @@ def warn_unreadable_answers(verifier, datamodule, splits: list[str], shown: int 
     the verifier does not warn of it again). Returns how many rows were named."""
     from lightning.pytorch.utilities import rank_zero_warn
 
-    from trd_lightning.verifiers import AnswerParseError
-
     if not verifier.check_training_answers:
         return 0
     named = 0
     for split in splits:
         for name in datamodule.dataset_names(split):
-            bad = []
-            for item in datamodule.prepare(split, name):
-                try:
-                    verifier.check_answer(item["answer"])
-                except AnswerParseError as error:
-                    bad.append((item.get("source", split), str(error)))
-                    verifier.named_unreadable.add(str(item["answer"]))
+            bad = unreadable_answers(verifier, datamodule, split, name)
             if bad:
-                rows = "; ".join(f"{where}: {error}" for where, error in bad[:shown])
+                verifier.named_unreadable.update(str(item["answer"]) for item, _ in bad)
+                rows = "; ".join(f"{item.get('source', split)}: {error}" for item, error in bad[:shown])
                 more = f"; and {len(bad) - shown} more" if len(bad) > shown else ""
                 it = "them" if len(bad) > 1 else "it"
                 rank_zero_warn(f"{len(bad)} {split} row(s): {answer_setting(datamodule, split, name)} cannot be read by "
