@@ -124,11 +124,8 @@ class SeparateTeacher(LocalTeacher):
         if None not in sizes and sizes[0] != sizes[1]:
             raise TeacherSetupError(f"the student ({student.name}) and the teacher ({self.model.name}) must share a vocabulary: the "
                                     f"student's has {sizes[0]} tokens and the teacher's {sizes[1]} (vocab_size in their configs); {fix}")
-        theirs = own_tokenizer(self.model)
-        difference = None if theirs is None else vocabulary_difference(tokenizer, theirs)
-        if difference is not None:
-            raise TeacherSetupError(f"the student ({student.name}) and the teacher ({self.model.name}) have different tokenizers: "
-                                    f"{difference}; token ids go between them, so they must share one vocabulary: {fix}")
+        check_same_tokenizer(tokenizer, self.model, f"the student ({student.name}) and the teacher ({self.model.name}) have "
+                             f"different tokenizers", f"token ids go between them, so they must share one vocabulary: {fix}")
         self.tokenizer_checked = True
 
     def build(self, student: nn.Module) -> nn.Module:
@@ -194,11 +191,17 @@ def check_vocabularies(student: nn.Module, teacher: nn.Module, tokenizer, spec: 
             f"teacher's {teacher_size}; pick a teacher from the student's model family"
         )
     if tokenizers and spec is not None and (spec.tokenizer or spec.path):
-        theirs = own_tokenizer(spec)
-        difference = None if theirs is None else vocabulary_difference(tokenizer, theirs)
-        if difference is not None:
-            raise TeacherSetupError(f"the student's and the teacher's ({spec.name}) tokenizers map tokens to different ids: "
-                                    f"{difference}; they must share one vocabulary")
+        check_same_tokenizer(tokenizer, spec, f"the student's and the teacher's ({spec.name}) tokenizers map tokens to different ids",
+                             "they must share one vocabulary")
+
+
+def check_same_tokenizer(tokenizer, spec: ModelSpec, what: str, fix: str) -> None:
+    """A ``TeacherSetupError`` (``what: <the difference>; fix``) when the tokenizer ``spec`` ships maps tokens to other
+    ids than ``tokenizer``; nothing when it ships none."""
+    theirs = own_tokenizer(spec)
+    difference = None if theirs is None else vocabulary_difference(tokenizer, theirs)
+    if difference is not None:
+        raise TeacherSetupError(f"{what}: {difference}; {fix}")
 
 
 def exclude_reloadable_teacher(module: LightningModule, attribute: str, teacher: Teacher) -> None:
