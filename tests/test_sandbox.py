@@ -170,7 +170,7 @@ def test_the_trainers_environment_is_not_visible(sandbox, monkeypatch):
 
 def test_no_network(sandbox):
     if sandbox.isolation == "rlimits":
-        pytest.skip("rlimits isolation does not block the network (the README says so); bwrap and unshare do")
+        pytest.skip("rlimits isolation does not block the network (docs/code-tasks.md says so); bwrap and unshare do")
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen()
