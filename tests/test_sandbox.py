@@ -231,6 +231,26 @@ def test_a_batch_of_runs_goes_through_the_pool(sandbox):
     assert [r.stdout.strip() for r in results] == [str(i * i) for i in range(6)]
 
 
+SCRIPT = """
+import pickle, sys
+class Point:
+    pass
+print(__name__, __file__, sys.argv, type(pickle.loads(pickle.dumps(Point()))).__name__, input())
+raise SystemExit(sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("flags", [["-I", "-S"], ["-I"]], ids=["in the launcher", "exec'd"])
+def test_a_script_runs_as_python_FILE_would(sandbox, flags):
+    """``-I -S`` scripts run in the launcher's own process (an interpreter start saved), others are exec'd:
+    either way the script is ``__main__`` with its own argv, its classes pickle, stdin and the exit code are its."""
+    result = sandbox.run(Job({"main.py": SCRIPT}, ["{python}", *flags, "main.py", "7"], stdin="typed\n"))
+    name, path, *argv, point, typed = result.stdout.split()
+    assert (name, argv, point, typed) == ("__main__", ["['main.py',", "'7']"], "Point", "typed")
+    assert path.startswith("/") and path.endswith("/main.py")  # absolute, as Python makes it
+    assert result.returncode == 1 and result.stderr.strip().endswith("7")
+
+
 def test_auto_falls_back_and_says_which(monkeypatch, caplog):
     import logging
 

@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 ISOLATIONS = ("auto", "bwrap", "unshare", "rlimits")
 
 # Runs first inside the sandbox, as the only trusted code there: it lowers the limits (soft = hard, so the
-# program cannot raise them), drops root for the run's uid, and execs the program.
+# program cannot raise them), drops root for the run's uid, and execs the program; a Python file meant for
+# this interpreter with these flags it runs in its own process instead, as `python FILE` would (an
+# interpreter start saved: about a third of a short run).
 LAUNCHER = r"""
 import os, resource, sys, json
 config = json.loads(sys.argv[1])
@@ -59,8 +61,15 @@ if config["inputs"]:
     for name in os.listdir(config["inputs"]):
         with open(os.path.join(config["inputs"], name), "rb") as source, open(name, "wb") as target:
             target.write(source.read())
-os.execv(sys.argv[2], sys.argv[2:])
+if config["inline"]:  # the script's argv
+    sys.argv = config["inline"]
+    main = sys.modules["__main__"] = type(sys)("__main__")
+    main.__file__, main.__builtins__ = os.path.abspath(sys.argv[0]), __builtins__
+    exec(compile(open(main.__file__, "rb").read(), main.__file__, "exec"), main.__dict__)
+else:
+    os.execv(sys.argv[2], sys.argv[2:])
 """
+FLAGS = ["-I", "-S"]  # the launcher's
 
 
 class SandboxError(RuntimeError):
@@ -279,8 +288,10 @@ class Sandbox:
     def _command(self, job: Job, isolation: str, uid: int | None, host_dir: str) -> list[str]:
         program = [self.python if a == "{python}" else a for a in job.argv]
         cwd = "/sandbox" if isolation == "bwrap" else host_dir
-        launcher = [self.python, "-I", "-S", "-c", LAUNCHER, json.dumps({"limits": self.limits.rlimits(), "uid": uid, "cwd": cwd,
-                                                                       "inputs": "/sandbox/.in" if isolation == "bwrap" else None})]
+        inline = program[0] == self.python and program[1:3] == FLAGS and len(program) > 3 and program[3].endswith(".py")
+        config = {"limits": self.limits.rlimits(), "uid": uid, "cwd": cwd, "inputs": "/sandbox/.in" if isolation == "bwrap" else None,
+                  "inline": program[3:] if inline else None}
+        launcher = [self.python, *FLAGS, "-c", LAUNCHER, json.dumps(config)]
         if isolation == "rlimits":
             return launcher + program
         if isolation == "unshare":
