@@ -53,7 +53,7 @@ from trd_lightning.refiners import Identity, Refiner, Targets, TeacherAccess
 from trd_lightning.reliability import GracefulInterrupt, NonFiniteGuard, RolloutRandomness, SaveOnResumableError
 from trd_lightning.rollout import STUDENT, HFEngine, Placement, RolloutEngine, Rollouts, Sampling, VLLMEngine
 from trd_lightning.rollout.guard import LogprobGuard
-from trd_lightning.scores import TeacherScores
+from trd_lightning.scores import SparseScores, TeacherScores
 from trd_lightning.scoring import Scorer
 from trd_lightning.step_log import StepLog
 from trd_lightning.step_metrics import StepRecord, StepResult
@@ -413,12 +413,14 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         return build_views(batch.prompts_of([rollouts.prompt_index[r] for r in rows]), [targets.teacher_contexts[r] for r in rows],
                            [targets.token_ids[r] for r in rows], self.tokenizer.pad_token_id, (self.packs(STUDENT), self.packs(TEACHER)))
 
-    def distill(self, views: Views, weights: torch.Tensor | None = None, record: StepRecord | None = None) -> tuple[DivergenceOutput, TeacherScores]:
-        """The teacher's scores (no autograd), the student's forward with autograd, and the fused divergence
-        (``weights``: each target token's weight in the loss; by default this batch's own token mean)."""
+    def distill(self, views: Views, weights: torch.Tensor | None = None, record: StepRecord | None = None,
+                teacher: TeacherScores | None = None) -> tuple[DivergenceOutput, TeacherScores]:
+        """The teacher's scores (no autograd; ``teacher``: already at hand), the student's forward with autograd, and the
+        fused divergence (``weights``: each target token's weight in the loss; by default this batch's own token mean)."""
         record = record or StepRecord()
-        with record.timed("teacher"):
-            teacher = self.teacher.score(views.teacher)
+        if teacher is None:
+            with record.timed("teacher"):
+                teacher = self.teacher.score(views.teacher)
         with record.timed("student_forward"):
             student_hidden = last_hidden_at(self.student, views.student.to(self.device))
             student_weight, student_bias = output_head(self.student)
@@ -488,7 +490,7 @@ class DistillationModule(DistillationEvaluation, LightningModule):
             if not rows:  # a filler pass: this rank has fewer micro-batches' worth of sequences than another
                 weights = torch.zeros_like(weights)
             with self.gradient_sync(k == len(groups) - 1):
-                out, teacher = self.distill(views, weights, record)
+                out, teacher = self.distill(views, weights, record, self.teacher_scores(batch, rollouts, targets, run, views, record))
                 with record.timed("backward"):
                     self.manual_backward(out.loss * scale)
             loss += float(out.loss.detach())
@@ -501,6 +503,25 @@ class DistillationModule(DistillationEvaluation, LightningModule):
                                   student_logprob=out.student_logprobs, pivot_mass=teacher.pivot_mass(self.pivot_ids, out.teacher_lse))
         record.totals.update({"loss": loss, "target_tokens": sum(lengths), "micro_batches": len(groups), "ranks": 1})
         return sum_over_ranks([loss], self.device)[0]
+
+    def teacher_scores(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets, rows: Sequence[int], views: Views,
+                       record: StepRecord) -> TeacherScores:
+        """The teacher's scores of one micro-batch (``views``, of ``rows``) in row-major target order: a row's from the
+        decode that wrote its target where it has them (``Targets.decoded_scores``), the others' from a scoring pass."""
+        decoded = [targets.decoded_scores(r) if self.teacher.scores == "sparse" else None for r in rows]
+        passed = [r for r, scores in zip(rows, decoded) if scores is None]
+        record.totals["teacher_pass_tokens"] += sum(len(targets.teacher_contexts[r]) + len(targets.token_ids[r]) for r in passed)
+        record.totals["decode_scored_tokens"] += sum(len(scores) for scores in decoded if scores is not None)
+        with record.timed("teacher"):
+            if len(passed) == len(rows):
+                return self.teacher.score(views.teacher)
+            scores = self.teacher.score(self.make_views(batch, rollouts, targets, passed).teacher) if passed else None
+        parts, start = [], 0
+        for r, own in zip(rows, decoded):
+            if own is None:
+                own, start = scores.select(slice(start, start + len(targets.token_ids[r]))), start + len(targets.token_ids[r])
+            parts.append(own)
+        return SparseScores.cat(parts)
 
     def gradient_sync(self, enabled: bool):
         """Around one micro-batch's backward: DDP all-reduces on the step's last only (``strategy.gradient_sync``)."""

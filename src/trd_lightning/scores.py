@@ -103,6 +103,11 @@ class SparseScores:
         return (self.logprobs.exp() * wanted).sum(-1)
 
     @classmethod
+    def cat(cls, parts: Sequence[SparseScores]) -> SparseScores:
+        """Several rows' scores, one after another (row-major target order)."""
+        return cls(*(torch.cat([getattr(p, name) for p in parts]) for name in ("ids", "logprobs", "target_logprob")))
+
+    @classmethod
     @torch.no_grad()
     def from_logits(cls, logits: Tensor, targets: Tensor, top_k: int) -> SparseScores:
         """What a server sends for a teacher with these [N, V] logits: its top-k and the targets' log-probabilities."""
@@ -112,3 +117,17 @@ class SparseScores:
 
 
 TeacherScores = DenseScores | SparseScores
+
+
+@dataclass(frozen=True)
+class DecodedScores:
+    """A teacher's scores of tokens it generated, taken from the decode itself (the unprocessed distribution at each
+    step, which is the one a scoring pass would compute in the same context): valid for exactly these
+    ``token_ids`` after exactly this ``context``, and used for nothing else (``fits``)."""
+
+    context: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    scores: SparseScores  # [len(token_ids), k]
+
+    def fits(self, context: Sequence[int], token_ids: Sequence[int]) -> bool:
+        return len(token_ids) == len(self.token_ids) and tuple(token_ids) == self.token_ids and tuple(context) == self.context

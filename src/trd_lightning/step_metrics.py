@@ -197,6 +197,8 @@ def step_metrics(record: StepRecord, threshold: float, target_name: str) -> dict
     if totals.get("micro_batches"):
         out["step/micro_batches"] = totals["micro_batches"] / totals["ranks"]  # the same on every rank
         out["step/real_token_ratio"] = totals["real_tokens"] / totals["processed_tokens"]
+        # the teacher's scoring pass (context + target tokens, all ranks), and the targets scored by their own decode instead
+        out["step/teacher_pass_tokens"], out["step/decode_scored_tokens"] = totals["teacher_pass_tokens"], totals["decode_scored_tokens"]
     for stage, seconds in record.seconds.items():
         out[f"time/{stage}"] = seconds
     if totals.get("target_tokens") and record.seconds.get("step"):

@@ -24,6 +24,7 @@ from trd_lightning.losses import Divergence
 from trd_lightning.models import ModelSpec, resolve_path
 from trd_lightning.module import DistillationModule
 from trd_lightning.rollout import Sampling
+from trd_lightning.scores import SparseScores
 from trd_lightning.teachers import SeparateTeacher, VLLMServerTeacher
 from trd_lightning.teachers.client import ServerUnavailableError
 from trd_lightning.teachers.serve import CPU_ARGS, VLLMServerProcess, free_port
@@ -121,10 +122,42 @@ def test_server_teacher_generates_and_scores_as_the_local_teacher(server, local)
 
 @pytest.mark.slow
 @pytest.mark.vllm
+def test_a_rewrites_decode_scores_are_its_scoring_pass(server, local):
+    """``scores_from_decode``: the top-k and log-probabilities a sampled generation (temperature 0.6, top-p, top-k) returns
+    for what it wrote are those of a scoring pass over the same tokens after the same prompt, and so is the loss."""
+    module, batch = local
+    teacher = served(server.url)
+    teacher.setup(module.student, module.tokenizer, module.engine)  # includes the start-up check of the decode's scores
+    torch.manual_seed(0)
+    rewrites = teacher.generate(batch.prompt_ids, Sampling(temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=24))
+    assert [d.token_ids for d in rewrites.scores] == [tuple(ids) for ids in rewrites.token_ids]
+    decoded = SparseScores.cat([d.scores for d in rewrites.scores])
+    passed = teacher.score_sequences([(batch.prompt_ids[k], ids) for k, ids in zip(rewrites.prompt_index, rewrites.token_ids)])
+    assert decoded.ids.shape == passed.ids.shape == (sum(map(len, rewrites.token_ids)), TOP_K)
+    assert (decoded.target_logprob - passed.target_logprob).abs().max() < 1e-3
+    assert (decoded.logprobs - passed.logprobs).abs().max() < 1e-3
+    gaps = passed.logprobs[:, :-1] - passed.logprobs[:, 1:]  # ranks whose neighbours are closer than the tolerance may swap
+    clear = torch.cat([gaps[:, :1], torch.minimum(gaps[:, 1:], gaps[:, :-1]), gaps[:, -1:]], dim=1) > 1e-3
+    assert torch.equal(decoded.ids[clear], passed.ids[clear]) and clear.float().mean() > 0.5
+
+    views = build_views([batch.prompt_ids[k] for k in rewrites.prompt_index], [batch.prompt_ids[k] for k in rewrites.prompt_index],
+                        rewrites.token_ids, module.tokenizer.pad_token_id)
+    module.teacher, local_teacher = teacher, module.teacher
+    try:
+        fused, _ = module.distill(views, teacher=decoded)
+        plain, _ = module.distill(views)
+    finally:
+        module.teacher = local_teacher
+    assert abs(float(fused.loss) - float(plain.loss)) < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
 def test_trd_and_opd_k3_train_two_steps_with_the_server_teacher(server, tmp_path):
     main(fit_args("demo/trd_server.yaml", tmp_path, server.url))
     trd = scalars(tmp_path / "demo_trd_server" / "version_0")
     assert [s for s, _ in trd["train/loss"]] == [0, 1] and all(v > 0 for _, v in trd["refine/refined_fraction"])  # the server rewrote
+    assert all(v > 0 for _, v in trd["step/decode_scored_tokens"])  # accepted rewrites were scored by their own decode
 
     overlay = tmp_path / "server_teacher.yaml"  # OPD's config, its teacher served, k3 (the target's log-probability only)
     overlay.write_text(json.dumps({"model": {"init_args": {

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from trd_lightning.data.prompts import PromptBatch
 from trd_lightning.losses import Divergence
 from trd_lightning.rollout.base import Rollouts, Sampling
+from trd_lightning.scores import DecodedScores, SparseScores
 from trd_lightning.templates import PROBLEM, Template
 from trd_lightning.verifiers import Verifier
 from trd_lightning.views import ChatPrompts
@@ -25,6 +26,15 @@ class Targets:
     fallback: list[bool]  # a rewrite was rejected and y_o kept
     rewrites: Rollouts | None = None  # the rewrite of each refined row, accepted or not (TRD)
     metrics: dict[str, list[float]] = field(default_factory=dict)  # the refiner's own per-row values, logged as refine/<name>
+    decoded: dict[int, DecodedScores] = field(default_factory=dict)  # rows whose teacher scores came with the rewrite's decode
+
+    def decoded_scores(self, row: int) -> SparseScores | None:
+        """The teacher's scores of ``row``'s target from the decode that wrote it, if it has them and the target and its
+        context are still exactly what was decoded; else None (the row goes to the scoring pass)."""
+        decoded = self.decoded.get(row)
+        if decoded is None or not decoded.fits(self.teacher_contexts[row], self.token_ids[row]):
+            return None
+        return decoded.scores
 
 
 @dataclass

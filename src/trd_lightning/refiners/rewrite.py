@@ -153,6 +153,8 @@ class TeacherRewrite(Refiner):
             if accepted[k]:
                 targets.token_ids[r], targets.texts[r], targets.teacher_contexts[r] = rewrites.token_ids[k], rewrites.texts[k], prompts[k]
                 targets.refined[r] = True
+                if rewrites.scores is not None:  # y_r after R is what the teacher decoded: its scores came with it
+                    targets.decoded[r] = rewrites.scores[k]
             else:
                 targets.fallback[r] = True
         return targets

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from trd_lightning.scores import DecodedScores
+
 STUDENT = "student"  # an engine holds weights by role: the student's, and a teacher's with weights of its own
 
 
@@ -68,7 +70,8 @@ class Rollouts:
 
     ``token_ids`` end with the stop token when generation stopped on one; ``truncated`` marks
     those cut at ``max_new_tokens``. ``logprobs``, when the engine provides them, are the
-    log-probabilities of the sampled tokens under the model's unmodified (temperature 1) distribution.
+    log-probabilities of the sampled tokens under the model's unmodified (temperature 1) distribution;
+    ``scores``, when a teacher returns them (``VLLMServerTeacher.scores_from_decode``), its top-k there too.
     """
 
     prompt_index: list[int]
@@ -76,13 +79,14 @@ class Rollouts:
     texts: list[str]
     truncated: list[bool]
     logprobs: list[list[float]] | None = None
+    scores: list[DecodedScores] | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)
 
     def select(self, rows: Sequence[int]) -> Rollouts:
         pick = lambda values: None if values is None else [values[i] for i in rows]  # noqa: E731
-        return Rollouts(*(pick(v) for v in (self.prompt_index, self.token_ids, self.texts, self.truncated, self.logprobs)))
+        return Rollouts(*(pick(v) for v in (self.prompt_index, self.token_ids, self.texts, self.truncated, self.logprobs, self.scores)))
 
 
 def split_completion(generated: Sequence[int], stop_ids: set[int], max_new_tokens: int) -> tuple[list[int], bool]:

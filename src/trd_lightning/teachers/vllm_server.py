@@ -7,6 +7,11 @@ tokenizer's ids, and the server must read them the same way (checked at start-up
   the same seeds); the completion's token ids come back (``return_token_ids``).
 - ``score``: ``/v1/completions`` of context + target with ``prompt_logprobs: top_k``: at each target position the
   teacher's top-k tokens and their log-probabilities, and the target token's own (``SparseScores``).
+- ``scores_from_decode``: a rewrite is scored in the very context it was written in (the refine prompt), so the
+  decode that writes it can return the scores a scoring pass would (``logprobs: top_k``: at each generated token
+  its log-probability and the top-k). vLLM (V1) computes these from the model's raw output, before temperature,
+  top-k/top-p and penalties (``--logprobs-mode raw_logprobs``, its default); start-up checks that the server does.
+  Rows trained on an unchanged rewrite then skip the scoring pass (``Targets.decoded_scores``).
 Requests go one per sequence, concurrently, spread over the servers (replicas of one model); vLLM batches them.
 """
 
@@ -18,7 +23,7 @@ import torch
 from torch import nn
 
 from trd_lightning.rollout.base import RolloutEngine, Rollouts, Sampling, split_completion
-from trd_lightning.scores import SparseScores
+from trd_lightning.scores import DecodedScores, SparseScores
 from trd_lightning.teachers.base import Teacher
 from trd_lightning.teachers.client import ServerClient, ServerRequestError, ServerUnavailableError
 from trd_lightning.views import ModelInputs
@@ -46,6 +51,9 @@ class VLLMServerTeacher(Teacher):
             the next server after ``retry_backoff * 2**attempt`` seconds. Then the run writes ``last.ckpt`` and stops.
         retry_backoff: seconds before the first retry.
         max_concurrent_requests: requests in flight at once (one per sequence; the servers batch them).
+        scores_from_decode: have each generation return the teacher's scores of what it wrote (its top-k at every
+            generated token), so that a rewrite trained on as written needs no scoring pass. Needs the servers'
+            default ``--logprobs-mode raw_logprobs`` (checked at start-up).
     """
 
     scores = "sparse"
@@ -59,6 +67,7 @@ class VLLMServerTeacher(Teacher):
         max_retries: int = 3,
         retry_backoff: float = 2.0,
         max_concurrent_requests: int = 64,
+        scores_from_decode: bool = True,
     ):
         if isinstance(urls, str):
             urls = [urls]
@@ -68,7 +77,7 @@ class VLLMServerTeacher(Teacher):
             raise ValueError(f"VLLMServerTeacher top_k must be >= 0 (got {top_k})")
         if not timeout > 0 or max_retries < 0 or retry_backoff < 0 or max_concurrent_requests <= 0:
             raise ValueError("VLLMServerTeacher needs timeout > 0, max_retries >= 0, retry_backoff >= 0 and max_concurrent_requests > 0")
-        self.urls, self.model, self.top_k = list(urls), model, top_k
+        self.urls, self.model, self.top_k, self.scores_from_decode = list(urls), model, top_k, scores_from_decode
         self.client = ServerClient(self.urls, timeout, max_retries, retry_backoff, max_concurrent_requests, what=f"teacher server ({model})")
         self.tokenizer = None
         self.stop_ids: set[int] = set()
@@ -111,12 +120,30 @@ class VLLMServerTeacher(Teacher):
         except ServerRequestError as error:
             hint = f"; start it with --max-logprobs {self.top_k} or more, or lower top_k" if "logprobs" in str(error) else ""
             raise TeacherSetupError(f"the teacher server at {url} refused a scoring request for its top-{self.top_k}: {error}{hint}") from None
+        if self.scores_from_decode:
+            self.check_decode_scores(url, ours[:8])
+
+    def check_decode_scores(self, url: str, prompt: list[int]) -> None:
+        """A generation's scores must be a scoring pass's of what it wrote: sample at temperature 2 (processed
+        log-probabilities would be flattened by half) and score the result."""
+        probe = Sampling(temperature=2.0, top_p=1.0, top_k=0, max_new_tokens=8)
+        answer = self.client.request("POST", COMPLETIONS, self.generate_payload(prompt, probe, 0), url=url)
+        choice = answer["choices"][0]
+        decoded = self.decoded(prompt, choice["token_ids"], choice)
+        passed = self.score_sequences([(prompt, list(decoded.token_ids))], url=url)
+        gaps = [(decoded.scores.target_logprob - passed.target_logprob).abs(), (decoded.scores.logprobs - passed.logprobs).abs().flatten()]
+        gap = float(torch.cat(gaps).max()) if len(decoded.token_ids) else 0.0
+        if not gap < 0.5:  # numerical noise between decode and prefill is far below; temperature 2 halves log-probabilities
+            raise TeacherSetupError(
+                f"the teacher server at {url} returns generation log-probabilities that are not the model's own (up to {gap:.2f} nats "
+                "from a scoring pass of the same tokens): it was started with another --logprobs-mode. Restart it with "
+                "--logprobs-mode raw_logprobs (vLLM's default), or set model.teacher.init_args.scores_from_decode=false")
 
     # -- the interface -------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> Rollouts:
         seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()  # from the checkpointed torch RNG
         answers = self.client.map(COMPLETIONS, [self.generate_payload(prompt, sampling, seed) for prompt, seed in zip(prompts, seeds)])
-        rollouts = Rollouts([], [], [], [])
+        rollouts = Rollouts([], [], [], [], scores=[] if self.scores_from_decode else None)
         for index, answer in enumerate(answers):
             for choice in sorted(answer["choices"], key=lambda c: c["index"]):
                 ids, truncated = split_completion(choice["token_ids"], self.stop_ids, sampling.max_new_tokens)
@@ -124,21 +151,42 @@ class VLLMServerTeacher(Teacher):
                 rollouts.token_ids.append(ids)
                 rollouts.texts.append(self.tokenizer.decode(ids, skip_special_tokens=True))
                 rollouts.truncated.append(truncated)
+                if self.scores_from_decode:
+                    rollouts.scores.append(self.decoded(prompts[index], ids, choice))
         return rollouts
 
+    def decoded(self, prompt: Sequence[int], ids: list[int], choice: dict) -> DecodedScores:
+        """The scores a generation returned for the first ``len(ids)`` tokens it wrote (``logprobs``, token ids as keys)."""
+        logprobs = choice.get("logprobs")
+        if not logprobs or len(logprobs["top_logprobs"]) < len(ids):
+            raise ServerRequestError(f"{self.describe()} sent no log-probabilities with a generation (scores_from_decode needs them)")
+        positions = [{int(k.removeprefix("token_id:")): v for k, v in entry.items()} for entry in logprobs["top_logprobs"][: len(ids)]]
+        return DecodedScores(tuple(prompt), tuple(ids), self.sparse(ids, positions))
+
     def score(self, inputs: ModelInputs) -> SparseScores:
-        sequences = inputs.sequences()
-        answers = self.client.map(COMPLETIONS, [self.score_payload([*context, *target]) for context, target in sequences])
-        ids, logprobs, target_logprobs = [], [], []
+        return self.score_sequences(inputs.sequences())
+
+    def score_sequences(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], url: str | None = None) -> SparseScores:
+        """Each target's scores after its context, one request per sequence (``url``: that server only)."""
+        payloads = [self.score_payload([*context, *target]) for context, target in sequences]
+        answers = [self.client.request("POST", COMPLETIONS, p, url=url) for p in payloads] if url else self.client.map(COMPLETIONS, payloads)
+        parts = []
         for (context, target), answer in zip(sequences, answers):
             positions = answer["choices"][0]["prompt_logprobs"][len(context):]
-            for token, entry in zip(target, positions):
-                top = sorted(((v["logprob"], int(k)) for k, v in entry.items() if v["rank"] <= self.top_k), reverse=True)[: self.top_k]
-                if len(top) < self.top_k:
-                    raise ServerRequestError(f"{self.describe()} sent {len(top)} log-probabilities for a position, not top_k={self.top_k}")
-                ids.append([k for _, k in top])
-                logprobs.append([v for v, _ in top])
-                target_logprobs.append(entry[str(token)]["logprob"])
+            parts.append(self.sparse(target, [{int(k): v["logprob"] for k, v in entry.items()} for entry in positions]))
+        return SparseScores.cat(parts) if parts else self.sparse([], [])
+
+    def sparse(self, target: Sequence[int], positions: list[dict[int, float]]) -> SparseScores:
+        """``SparseScores`` from each position's log-probabilities by token id (the top-k, and the target's own)."""
+        ids, logprobs, target_logprobs = [], [], []
+        for token, entry in zip(target, positions):
+            top = sorted(((v, k) for k, v in entry.items()), reverse=True)[: self.top_k]
+            if len(top) < self.top_k or token not in entry:
+                raise ServerRequestError(f"{self.describe()} sent {len(top)} log-probabilities for a position, not top_k={self.top_k} "
+                                         "and the target's")
+            ids.append([k for _, k in top])
+            logprobs.append([v for v, _ in top])
+            target_logprobs.append(entry[token])
         shape = (len(target_logprobs), self.top_k)  # explicit: top_k may be 0 (the sampled-token estimators need none)
         return SparseScores(torch.tensor(ids, dtype=torch.long).reshape(shape), torch.tensor(logprobs, dtype=torch.float32).reshape(shape),
                             torch.tensor(target_logprobs, dtype=torch.float32))
@@ -155,4 +203,5 @@ class VLLMServerTeacher(Teacher):
             "temperature": 0.0 if sampling.greedy else sampling.temperature, "top_p": 1.0 if sampling.greedy else sampling.top_p,
             "top_k": 0 if sampling.greedy else sampling.top_k, "stop_token_ids": sorted(self.stop_ids),
             "return_token_ids": True, "skip_special_tokens": True,
+            **({"logprobs": self.top_k, "return_tokens_as_token_ids": True} if self.scores_from_decode else {}),
         }
