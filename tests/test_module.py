@@ -212,6 +212,7 @@ def gradients_of_one_step(tmp_path, config, name, budget, student_dir, teacher_d
     path = tmp_path / f"{name}.pt"
     main(["fit", "--config", str(DEMO / f"{config}.yaml"), *tiny_overrides(student_dir, teacher_dir, chain_data, tmp_path, name),
           "--trainer.max_steps=1", "--data.init_args.batch_size=8", f"--model.init_args.max_tokens_per_micro_batch={budget}",
+          "--model.init_args.gradient_clip_val=null",  # clipping would hide a wrong scale
           "--trainer.callbacks+=tests.test_module.GradientCapture", f"--trainer.callbacks.path={path}", *extra])
     return torch.load(path, weights_only=True), scalars(tmp_path / name / "version_0")
 
@@ -252,8 +253,10 @@ class LengthByParity(Refiner):
 
 
 @pytest.mark.slow
-def test_global_token_mean_over_ddp_ranks_equals_one_process(student_dir, teacher_dir, tmp_path):
-    """Rank 0 holds the long targets (20x rank 1's tokens): its tokens must weigh what they weigh in one process."""
+@pytest.mark.parametrize("streaming", [False, True], ids=["synchronous", "streaming"])
+def test_global_token_mean_over_ddp_ranks_equals_one_process(streaming, student_dir, teacher_dir, tmp_path):
+    """Rank 0 holds the long targets (20x rank 1's tokens): its tokens must weigh what they weigh in one process
+    (synchronous), whichever flow the two processes run."""
     data = tmp_path / "eight.jsonl"
     from trd_lightning.data.chain import sample_problems
 
@@ -264,6 +267,7 @@ def test_global_token_mean_over_ddp_ranks_equals_one_process(student_dir, teache
               "--data.init_args.val_path=null", "--data.init_args.test_path=null", "--data.init_args.shuffle=false",
               "--model.init_args.refiner=tests.test_module.LengthByParity", "--model.init_args.sampling.max_new_tokens=4",
               "--model.init_args.max_tokens_per_micro_batch=80", "--trainer.max_steps=1", "--validate_before_fit=false",
+              "--model.init_args.gradient_clip_val=null",  # clipping would hide a wrong scale
               "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1",
               f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.callbacks+=tests.test_module.GradientCapture"]
     one = subprocess.run([sys.executable, "-m", "trd_lightning.cli", *common, "--data.init_args.batch_size=8",
@@ -272,6 +276,7 @@ def test_global_token_mean_over_ddp_ranks_equals_one_process(student_dir, teache
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "trd_lightning.cli", *common, "--data.init_args.batch_size=4",
                           "--trainer.strategy=ddp", "--trainer.devices=2", f"--trainer.callbacks.path={tmp_path / 'two.pt'}",
+                          f"--model.init_args.streaming={str(streaming).lower()}",
                           "--trainer.logger.init_args.name=two"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     alone, shared = torch.load(tmp_path / "one.pt", weights_only=True), torch.load(tmp_path / "two.pt", weights_only=True)

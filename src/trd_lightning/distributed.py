@@ -37,3 +37,12 @@ def sum_over_ranks(values: list[float], device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(tensor)
     return tensor.tolist()
+
+
+def lockstep(has_work: bool, done: bool, device) -> tuple[bool, bool]:
+    """One round of a loop every rank runs together: whether any rank has work this round, and whether all are done."""
+    if not distributed():
+        return has_work, done
+    tensor = torch.tensor([int(has_work), int(not done)], device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return bool(tensor[0]), not bool(tensor[1])

@@ -15,8 +15,11 @@ Elsewhere: evaluation (``evaluation.py``), the step's metrics (``step_metrics.py
 
 from __future__ import annotations
 
+import time
 import warnings
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -26,12 +29,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from trd_lightning.data.prompts import DataError, PromptBatch
 from trd_lightning.diagnostics import DEFAULT_PIVOTS, diagnose_rewrites, pivot_token_ids
-from trd_lightning.distributed import sum_over_ranks
+from trd_lightning.distributed import lockstep, sum_over_ranks
 from trd_lightning.evaluation import DistillationEvaluation, check_answers, warn_unreadable_answers
 from trd_lightning.losses import Divergence, DivergenceOutput
 from trd_lightning.memory_plan import PlanError, RunShape, check_fits, largest_budget_that_fits
 from trd_lightning.metrics import check_pass_k
-from trd_lightning.micro_batches import MicroBatcher
+from trd_lightning.micro_batches import MicroBatcher, auto_budget
 from trd_lightning.models import (
     ModelSpec,
     Sharding,
@@ -39,6 +42,7 @@ from trd_lightning.models import (
     check_model_files,
     check_plain_head,
     export_hf,
+    is_sharded,
     last_hidden_at,
     load_model,
     load_tokenizer,
@@ -58,6 +62,7 @@ from trd_lightning.scoring import Scorer
 from trd_lightning.step_log import StepLog
 from trd_lightning.step_metrics import StepRecord, StepResult
 from trd_lightning.strategy import gradient_sync
+from trd_lightning.streaming import Prefetch, StreamClock, StreamPlanner
 from trd_lightning.teachers import Teacher
 from trd_lightning.teachers.local import TEACHER, LocalTeacher, SelfTeacher, exclude_reloadable_teacher
 from trd_lightning.verifiers import ExactMatch, Verifier
@@ -143,6 +148,12 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         gradient_clip_val: clip the step's gradient norm (or values) to this; null does not clip. (The Trainer's
             ``gradient_clip_val`` does not apply: the module runs the optimizer step itself.)
         gradient_clip_algorithm: ``norm`` or ``value``.
+        streaming: overlap the step's phases per sequence: each rollout's rewrite is sent to the teacher at once, and
+            each micro-batch is trained as soon as its sequences' targets are in, while later rewrites are still
+            being written (``streaming.py``). The loss is the same token mean. The overlap needs a teacher that
+            generates off the trainer's devices (``VLLMServerTeacher``); with another the rewrites come in one call and
+            only the micro-batches stream. False: the synchronous step (rollouts, then every rewrite, then training).
+        max_requests_in_flight: with ``streaming``, the teacher's generation requests out at once.
         max_context_tokens: the limit on a teacher context (refine or privileged prompt); longer
             ones lose tail tokens of the attempt or reference, never of the problem.
         sync_every: for engines with their own weights, sync them every this many optimizer steps.
@@ -191,6 +202,8 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         packing: Literal["auto", "always", "never"] = "auto",
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
+        streaming: bool = False,
+        max_requests_in_flight: int = 64,
     ):
         super().__init__()
         if teacher is None:
@@ -227,6 +240,9 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         self.packing = packing
         self.gradient_clip_val = gradient_clip_val
         self.gradient_clip_algorithm = gradient_clip_algorithm
+        if max_requests_in_flight <= 0:
+            raise ValueError(f"max_requests_in_flight must be > 0 (got {max_requests_in_flight})")
+        self.streaming, self.max_requests_in_flight = streaming, max_requests_in_flight
         self.nonfinite = NonFiniteGuard(max_consecutive_skips)
         self.automatic_optimization = False  # a step holds several micro-batches: the module runs the optimizer
         check_model_files(student, "student", "model.init_args.student")  # a path not there, or a folder that cannot load
@@ -437,10 +453,13 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         with record.timed("step"):
             rollouts = self.rollout(batch, record)
             guarded = self.check_rollout_logprobs(batch, rollouts, record)
-            with record.timed("refine"):
-                targets = self.refiner.refine(batch, rollouts, self.teacher_access)
-            self.engine.release()  # generation is done: the engines free the device for training (vLLM sleep mode)
-            loss = self.learn(batch, rollouts, targets, record)
+            if self.streaming:
+                targets, loss = self.learn_streaming(batch, rollouts, record)
+            else:
+                with record.timed("refine"):
+                    targets = self.refiner.refine(batch, rollouts, self.teacher_access)
+                self.engine.release()  # generation is done: the engines free the device for training (vLLM sleep mode)
+                loss = self.learn(batch, rollouts, targets, record)
             diagnosed = self.diagnose(batch, rollouts, targets, record)
             self.update(loss, record)
         return {"result": StepResult(step, batch, rollouts, targets, record, "y_r" if self.refiner.rewrites else "y_o", guarded or diagnosed)}
@@ -485,24 +504,123 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         scale = self.trainer.world_size  # DDP and FSDP2 average gradients over ranks; the weights already divide by the global count
         loss = 0.0
         for k, (rows, run) in enumerate(groups):
-            views = self.make_views(batch, rollouts, targets, run)
-            weights = self.divergence.weights(views.target_lengths, tokens=int(tokens), sequences=int(sequences))
-            if not rows:  # a filler pass: this rank has fewer micro-batches' worth of sequences than another
-                weights = torch.zeros_like(weights)
-            with self.gradient_sync(k == len(groups) - 1):
-                out, teacher = self.distill(views, weights, record, self.teacher_scores(batch, rollouts, targets, run, views, record))
-                with record.timed("backward"):
-                    self.manual_backward(out.loss * scale)
-            loss += float(out.loss.detach())
-            record.totals["processed_tokens"] += views.student.processed_tokens + views.teacher.processed_tokens
-            if rows:
-                record.totals["real_tokens"] += int(views.student.target_mask.sum() + views.teacher.target_mask.sum()) + sum(
-                    len(student_contexts[r]) + len(targets.teacher_contexts[r]) for r in rows)
-                record.rows["micro_batch_target_length"].extend(views.target_lengths.tolist())
-                record.add_tokens(divergence=out.per_token, clipped=out.clipped, teacher_logprob=out.teacher_logprobs,
-                                  student_logprob=out.student_logprobs, pivot_mass=teacher.pivot_mass(self.pivot_ids, out.teacher_lse))
+            loss += self.train_micro_batch(batch, rollouts, targets, rows, run, record, sync=k == len(groups) - 1, scale=scale,
+                                           counts=(int(tokens), int(sequences)))
         record.totals.update({"loss": loss, "target_tokens": sum(lengths), "micro_batches": len(groups), "ranks": 1})
         return sum_over_ranks([loss], self.device)[0]
+
+    def train_micro_batch(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets, rows: Sequence[int], run: Sequence[int],
+                          record: StepRecord, sync: bool, scale: float, counts: tuple[int, int]) -> float:
+        """One micro-batch's forward and backward (``rows``; none: a zero-weight filler pass over ``run``), its tokens
+        weighted for ``counts`` = (target tokens, sequences) and the loss times ``scale``; its loss."""
+        views = self.make_views(batch, rollouts, targets, run)
+        weights = self.divergence.weights(views.target_lengths, tokens=counts[0], sequences=counts[1])
+        if not rows:  # a filler pass: this rank has fewer micro-batches' worth of sequences than another
+            weights = torch.zeros_like(weights)
+        with self.gradient_sync(sync):
+            out, teacher = self.distill(views, weights, record, self.teacher_scores(batch, rollouts, targets, run, views, record))
+            with record.timed("backward"):
+                self.manual_backward(out.loss * scale)
+        record.totals["processed_tokens"] += views.student.processed_tokens + views.teacher.processed_tokens
+        if rows:
+            record.totals["real_tokens"] += int(views.student.target_mask.sum() + views.teacher.target_mask.sum()) + sum(
+                len(batch.prompt_ids[rollouts.prompt_index[r]]) + len(targets.teacher_contexts[r]) for r in rows)
+            record.rows["micro_batch_target_length"].extend(views.target_lengths.tolist())
+            record.add_tokens(divergence=out.per_token, clipped=out.clipped, teacher_logprob=out.teacher_logprobs,
+                              student_logprob=out.student_logprobs, pivot_mass=teacher.pivot_mass(self.pivot_ids, out.teacher_lse))
+        return float(out.loss.detach())
+
+    def learn_streaming(self, batch: PromptBatch, rollouts: Rollouts, record: StepRecord) -> tuple[Targets, float | None]:
+        """The streaming step (``streaming``): rewrites are sent ahead and taken as they finish, each row joins the
+        planner once its target is in, and each micro-batch the planner closes is trained at once, every target token
+        weighing 1; the gradients are then scaled to the token mean over every rank's tokens. Ranks train in lockstep
+        (each forward of a sharded model is a collective): a round trains one micro-batch on every rank, a filler pass
+        where a rank has none left, until every rank is done. The step's targets, and its loss (None: no target token)."""
+        clock = StreamClock()
+        access = self.teacher_access
+        requests = self.refiner.generation_requests(batch, rollouts, access) if self.teacher.concurrent else []
+        parts: dict[int, Targets] = {}  # by first row
+        if not self.teacher.concurrent:
+            with record.timed("refine"):
+                parts[0] = self.refiner.refine(batch, rollouts, access)  # the teacher computes here: one call, as synchronous
+        self.engine.release()
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        student_contexts = batch.prompts_of(rollouts.prompt_index)
+        targets = Targets([[]] * len(rollouts), [""] * len(rollouts), [[]] * len(rollouts), [False] * len(rollouts), [False] * len(rollouts))
+        packed = self.packs(STUDENT) and self.packs(TEACHER)
+        planner = StreamPlanner(self.streaming_budget(student_contexts, rollouts), padded=not packed)
+        prefetch = Prefetch(self.teacher.generate, requests, self.max_requests_in_flight, clock) if self.teacher.concurrent else None
+        try:
+            arrivals = self.arrivals(batch, rollouts, prefetch, parts, requests)
+            pending: deque[list[int]] = deque()
+            done, loss, trained = False, 0.0, 0
+            while True:
+                while not pending and not done:
+                    arrived = next(arrivals, None)
+                    if arrived is None:
+                        done = True
+                        pending.extend(planner.flush())
+                        break
+                    first, part = arrived
+                    for k in range(len(part.token_ids)):
+                        row = first + k
+                        for name in ("token_ids", "texts", "teacher_contexts", "refined", "fallback"):
+                            getattr(targets, name)[row] = getattr(part, name)[k]
+                        if k in part.decoded:
+                            targets.decoded[row] = part.decoded[k]
+                        cost = max(len(student_contexts[row]), len(targets.teacher_contexts[row])) + len(targets.token_ids[row])
+                        pending.extend(planner.add(row, cost))
+                rows = pending.popleft() if pending else []
+                anyone, everyone_done = lockstep(bool(rows), done and not rows, self.device)
+                if everyone_done:
+                    break
+                run = rows or [min(range(len(rollouts)), key=lambda r: len(targets.token_ids[r]) + len(targets.teacher_contexts[r]))]
+                started, overlapping = time.perf_counter(), prefetch is not None and prefetch.in_flight()
+                loss += self.train_micro_batch(batch, rollouts, targets, rows, run, record, sync=False, scale=1.0, counts=(1, 1))
+                clock.overlapped += (time.perf_counter() - started) if overlapping else 0.0
+                trained += 1
+        finally:
+            if prefetch is not None:
+                prefetch.close()
+        step_targets = Targets.join([parts[k] for k in sorted(parts)])
+        lengths = [len(t) for t in targets.token_ids]
+        tokens, sequences = sum_over_ranks([sum(lengths), sum(n > 0 for n in lengths)], self.device)
+        if self.trainer.world_size > 1 and not is_sharded(self.student):  # DDP reduces on a synced backward: one, last
+            self.train_micro_batch(batch, rollouts, targets, [], [0], record, sync=True, scale=1.0, counts=(1, 1))
+        record.totals.update({"target_tokens": sum(lengths), "micro_batches": trained, "ranks": 1})
+        clock.record(record)
+        if tokens == 0:
+            return step_targets, None
+        self.tokens_trained += int(tokens)
+        norm = tokens if self.divergence.reduction == "token" else sequences
+        for parameter in self.student.parameters():
+            if parameter.grad is not None:
+                parameter.grad.mul_(self.trainer.world_size / norm)
+        record.totals["loss"] = loss / norm
+        return step_targets, sum_over_ranks([loss], self.device)[0] / norm
+
+    def arrivals(self, batch: PromptBatch, rollouts: Rollouts, prefetch: Prefetch | None, parts: dict[int, Targets],
+                 requests) -> Iterator[tuple[int, Targets]]:
+        """(first row, targets of that row on) as they come: a refinement made in one call; else every row that asks
+        the teacher for nothing at once, then each row as its generation request finishes, refined on this thread."""
+        if prefetch is None:
+            yield from parts.items()
+            return
+        access = replace(self.teacher_access, generate=prefetch.generate)
+        asked = {row for row, _, _ in requests}
+        for row in [r for r in range(len(rollouts)) if r not in asked] + list(prefetch.finished()):
+            parts[row] = self.refiner.refine(batch, rollouts.select([row]), access)
+            yield row, parts[row]
+
+    def streaming_budget(self, student_contexts: Sequence[Sequence[int]], rollouts: Rollouts) -> int | None:
+        """The streaming planner's budget: the configured one; for ``auto``, the memory plan's where there is one, else
+        the synchronous rule over the costs expected before the targets exist (a rewrite's context holds y_o too)."""
+        budget = self.max_tokens_per_micro_batch
+        if budget != "auto":
+            return budget
+        expected = [len(c) + len(y) * (2 if self.refiner.rewrites else 1) for c, y in zip(student_contexts, rollouts.token_ids)]
+        return auto_budget(expected)
 
     def teacher_scores(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets, rows: Sequence[int], views: Views,
                        record: StepRecord) -> TeacherScores:

@@ -201,6 +201,10 @@ def step_metrics(record: StepRecord, threshold: float, target_name: str) -> dict
         out["step/teacher_pass_tokens"], out["step/decode_scored_tokens"] = totals["teacher_pass_tokens"], totals["decode_scored_tokens"]
     for stage, seconds in record.seconds.items():
         out[f"time/{stage}"] = seconds
+    if "stream_requests" in totals:  # a streaming step: what went to the teacher ahead, and how much training it hid
+        out["stream/requests"], out["stream/max_in_flight"] = totals["stream_requests"], totals["stream_max_in_flight"]
+        if record.seconds.get("stream_overlap") is not None and record.seconds.get("refine"):
+            out["stream/overlap_fraction"] = record.seconds["stream_overlap"] / record.seconds["refine"]
     if totals.get("target_tokens") and record.seconds.get("step"):
         out["step/target_tokens_per_second"] = totals["target_tokens"] / record.seconds["step"]
     return {name: float(value) for name, value in out.items() if value is not None}

@@ -28,6 +28,21 @@ class Targets:
     metrics: dict[str, list[float]] = field(default_factory=dict)  # the refiner's own per-row values, logged as refine/<name>
     decoded: dict[int, DecodedScores] = field(default_factory=dict)  # rows whose teacher scores came with the rewrite's decode
 
+    @staticmethod
+    def join(parts: Sequence[Targets]) -> Targets:
+        """``parts`` (each of some rows) one after another: the targets of all their rows."""
+        rewrites = [part.rewrites for part in parts if part.rewrites is not None]
+        metrics: dict[str, list[float]] = {}
+        decoded, offset = {}, 0
+        for part in parts:
+            for name, values in part.metrics.items():
+                metrics.setdefault(name, []).extend(values)
+            decoded.update({offset + row: scores for row, scores in part.decoded.items()})
+            offset += len(part.token_ids)
+        lists = [[value for part in parts for value in getattr(part, name)]
+                 for name in ("token_ids", "texts", "teacher_contexts", "refined", "fallback")]
+        return Targets(*lists, rewrites=Rollouts.join(rewrites) if rewrites else None, metrics=metrics, decoded=decoded)
+
     def decoded_scores(self, row: int) -> SparseScores | None:
         """The teacher's scores of ``row``'s target from the decode that wrote it, if it has them and the target and its
         context are still exactly what was decoded; else None (the row goes to the scoring pass)."""
@@ -78,6 +93,11 @@ class Refiner(ABC):
 
     def scoring_contexts(self, batch: PromptBatch, prompt_index: Sequence[int], teacher: TeacherAccess) -> list[list[int]]:
         return self.contexts(self.scoring_template, batch, prompt_index, teacher)
+
+    def generation_requests(self, batch: PromptBatch, rollouts: Rollouts, teacher: TeacherAccess) -> list[tuple[int, list[list[int]], Sampling]]:
+        """What ``refine`` of each single row of ``rollouts`` will ask the teacher to generate, as (row, prompts, sampling),
+        so that a streaming step can send it ahead, concurrently. None here: these targets need no generation."""
+        return []
 
     @abstractmethod
     def refine(self, batch: PromptBatch, rollouts: Rollouts, teacher: TeacherAccess) -> Targets:

@@ -50,8 +50,8 @@ class BestOfNRewrite(TeacherRewrite):
             raise ValueError(f"BestOfNRewrite needs n >= 1 rewrites per rollout (got {n})")
         self.n, self.prefer_correct = n, prefer_correct
 
-    def propose(self, prompts: list[list[int]], teacher: TeacherAccess) -> Rollouts:
-        return teacher.generate(prompts, replace(self.sampling, n=self.n))
+    def proposal_sampling(self) -> Sampling:
+        return replace(self.sampling, n=self.n)
 
     def select(self, prompts: list[list[int]], answers: list[str], candidates: Rollouts, accepted: list[bool],
                teacher: TeacherAccess) -> tuple[list[int | None], dict[str, list[float]]]:

@@ -98,9 +98,17 @@ class TeacherRewrite(Refiner):
         return [r for r, correct in zip(rows, teacher.verifier.score_many(rollouts.texts, answers)) if not correct]
 
     # -- a rewrite: propose -> accept -> select; a subclass changes one of them ------------------------------------
+    def proposal_sampling(self) -> Sampling:
+        """How the teacher samples the candidates of one refine prompt: one here."""
+        return self.sampling
+
     def propose(self, prompts: list[list[int]], teacher: TeacherAccess) -> Rollouts:
-        """The teacher's candidate rewrites, grouped by prompt (``prompt_index`` k for ``prompts[k]``): one each here."""
-        return teacher.generate(prompts, self.sampling)
+        """The teacher's candidate rewrites, grouped by prompt (``prompt_index`` k for ``prompts[k]``)."""
+        return teacher.generate(prompts, self.proposal_sampling())
+
+    def generation_requests(self, batch: PromptBatch, rollouts: Rollouts, teacher: TeacherAccess) -> list[tuple[int, list[list[int]], Sampling]]:
+        rows = self.rows_to_refine(batch, rollouts, teacher)
+        return [(r, [prompt], self.proposal_sampling()) for r, prompt in zip(rows, self.refine_prompts(batch, rollouts, rows, teacher))]
 
     def accept(self, rewrite: list[int], text: str, truncated: bool, teacher: TeacherAccess, problem: str = "") -> bool:
         """Whether a candidate may be trained on: not empty, not cut off, and (as configured) with an answer the

@@ -84,9 +84,18 @@ class Rollouts:
     def __len__(self) -> int:
         return len(self.token_ids)
 
+    def fields(self) -> tuple:
+        return self.prompt_index, self.token_ids, self.texts, self.truncated, self.logprobs, self.scores
+
     def select(self, rows: Sequence[int]) -> Rollouts:
         pick = lambda values: None if values is None else [values[i] for i in rows]  # noqa: E731
-        return Rollouts(*(pick(v) for v in (self.prompt_index, self.token_ids, self.texts, self.truncated, self.logprobs, self.scores)))
+        return Rollouts(*(pick(v) for v in self.fields()))
+
+    @staticmethod
+    def join(parts: Sequence[Rollouts]) -> Rollouts:
+        """``parts`` one after another (an optional field only where every part has it)."""
+        columns = zip(*(part.fields() for part in parts))
+        return Rollouts(*(None if any(c is None for c in column) else [v for c in column for v in c] for column in columns))
 
 
 def split_completion(generated: Sequence[int], stop_ids: set[int], max_new_tokens: int) -> tuple[list[int], bool]:

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from contextvars import ContextVar
 
 from torch import nn
 
 from trd_lightning.rollout.base import RolloutEngine, Rollouts, Sampling
 from trd_lightning.scores import TeacherScores
 from trd_lightning.views import ModelInputs
+
+#: Seeds for the prompts of one ``generate`` call made off the trainer's thread (a streaming step draws them in order
+#: on its own thread, so the run stays reproducible); None: the teacher draws them from torch's RNG.
+GENERATION_SEEDS: ContextVar[list[int] | None] = ContextVar("generation_seeds", default=None)
 
 
 class Teacher(ABC):
@@ -27,6 +32,8 @@ class Teacher(ABC):
     scores: str = "dense"
     #: For sparse scores: how many of the teacher's most likely tokens each position carries.
     top_k: int | None = None
+    #: Whether ``generate`` may run on other threads while the trainer computes (nothing of it on the trainer's devices).
+    concurrent: bool = False
 
     @abstractmethod
     def setup(self, student: nn.Module, tokenizer, engine: RolloutEngine) -> nn.Module | None:

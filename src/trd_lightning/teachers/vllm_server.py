@@ -24,7 +24,7 @@ from torch import nn
 
 from trd_lightning.rollout.base import RolloutEngine, Rollouts, Sampling, split_completion
 from trd_lightning.scores import DecodedScores, SparseScores
-from trd_lightning.teachers.base import Teacher
+from trd_lightning.teachers.base import GENERATION_SEEDS, Teacher
 from trd_lightning.teachers.client import ServerClient, ServerRequestError, ServerUnavailableError
 from trd_lightning.views import ModelInputs
 
@@ -57,6 +57,7 @@ class VLLMServerTeacher(Teacher):
     """
 
     scores = "sparse"
+    concurrent = True
 
     def __init__(
         self,
@@ -141,7 +142,7 @@ class VLLMServerTeacher(Teacher):
 
     # -- the interface -------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> Rollouts:
-        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()  # from the checkpointed torch RNG
+        seeds = GENERATION_SEEDS.get() or torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()  # from the checkpointed torch RNG
         answers = self.client.map(COMPLETIONS, [self.generate_payload(prompt, sampling, seed) for prompt, seed in zip(prompts, seeds)])
         rollouts = Rollouts([], [], [], [], scores=[] if self.scores_from_decode else None)
         for index, answer in enumerate(answers):

@@ -1,0 +1,120 @@
+"""The streaming step's parts (``DistillationModule(streaming=True)``): rewrites sent to the teacher ahead and taken as
+they finish, and micro-batches closed as their sequences arrive.
+
+The step itself stays in the module (``learn_streaming``): each finished rewrite becomes its row's target, the
+planner closes a micro-batch once the next sequence would not fit, and a closed micro-batch is trained at once while
+later rewrites are still being written. Its loss weighs every target token 1; the summed gradients are scaled by
+1/N once N (the step's target tokens over all ranks) is known, before clipping: the same token mean as the
+synchronous step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextvars import copy_context
+from dataclasses import dataclass
+
+import torch
+
+from trd_lightning.rollout.base import Rollouts, Sampling
+from trd_lightning.teachers.base import GENERATION_SEEDS
+
+
+class StreamPlanner:
+    """Micro-batches closed in the order sequences arrive: one closes when the next sequence would take it past
+    ``budget`` (packed: the sum of costs; ``padded``: rows x the longest); a sequence over the budget goes alone;
+    ``budget`` None closes nothing before ``flush``."""
+
+    def __init__(self, budget: int | None, padded: bool):
+        self.budget, self.padded = budget, padded
+        self.rows: list[int] = []
+        self.costs: list[int] = []
+
+    def cost(self, costs: Sequence[int]) -> int:
+        return len(costs) * max(costs) if self.padded else sum(costs)
+
+    def add(self, row: int, cost: int) -> list[list[int]]:
+        """Take one sequence; the micro-batches that closed."""
+        closed = []
+        if self.rows and self.budget is not None and self.cost([*self.costs, cost]) > self.budget:
+            closed = self.flush()
+        self.rows.append(row)
+        self.costs.append(cost)
+        return closed
+
+    def flush(self) -> list[list[int]]:
+        """The open micro-batch, closed (nothing when it is empty)."""
+        closed, self.rows, self.costs = ([self.rows] if self.rows else []), [], []
+        return closed
+
+
+@dataclass
+class StreamClock:
+    """Where a streaming step's time went (seconds): waiting for the teacher with nothing to train, training while
+    requests were still out, and the span from the first request to the last answer."""
+
+    waiting: float = 0.0
+    overlapped: float = 0.0
+    teacher_span: float = 0.0
+    requests: int = 0
+    max_in_flight: int = 0
+
+    def record(self, record) -> None:
+        """Into the step's record: times as ``time/stream_wait``, ``time/stream_overlap``, ``time/refine`` (the teacher's
+        span), the slowest rank's; request counts summed over ranks."""
+        if self.requests:
+            record.seconds.update({"stream_wait": self.waiting, "stream_overlap": self.overlapped, "refine": self.teacher_span})
+        record.totals.update({"stream_requests": float(self.requests), "stream_max_in_flight": float(self.max_in_flight)})
+
+
+class Prefetch:
+    """Generation requests (row, prompts, sampling) sent ahead on ``max_in_flight`` threads, each with a seed drawn
+    here, in row order, from torch's RNG (as one synchronous call over the same prompts draws them). ``generate``
+    answers a refiner's call from them when it asks for the same prompts and sampling, and calls ``teacher_generate``
+    itself otherwise."""
+
+    def __init__(self, teacher_generate: Callable[[Sequence[Sequence[int]], Sampling], Rollouts],
+                 requests: Sequence[tuple[int, list[list[int]], Sampling]], max_in_flight: int, clock: StreamClock):
+        self.teacher_generate, self.clock = teacher_generate, clock
+        self.requests = {row: (prompts, sampling) for row, prompts, sampling in requests}
+        seeds = torch.randint(0, 2**31 - 1, (sum(len(prompts) for _, prompts, _ in requests),)).tolist() if requests else []
+        self.pool = ThreadPoolExecutor(max(1, min(max_in_flight, len(requests))), thread_name_prefix="teacher-request")
+        self.futures: dict[Future, int] = {}
+        self.results: dict[int, Rollouts] = {}
+        self.start = time.perf_counter()
+        for row, prompts, sampling in requests:
+            row_seeds, seeds = seeds[: len(prompts)], seeds[len(prompts):]
+            self.futures[self.pool.submit(copy_context().run, self.call, prompts, sampling, row_seeds)] = row
+        clock.requests, clock.max_in_flight = len(requests), min(max_in_flight, len(requests))
+
+    def call(self, prompts, sampling, seeds) -> Rollouts:
+        GENERATION_SEEDS.set(seeds)
+        return self.teacher_generate(prompts, sampling)
+
+    def finished(self) -> Iterator[int]:
+        """Rows as their requests finish (a failed request raises here)."""
+        pending = set(self.futures)
+        while pending:
+            start = time.perf_counter()
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            self.clock.waiting += time.perf_counter() - start
+            for future in sorted(done, key=self.futures.__getitem__):
+                row = self.futures[future]
+                self.results[row] = future.result()
+                yield row
+        self.clock.teacher_span = time.perf_counter() - self.start
+
+    def in_flight(self) -> bool:
+        return any(not future.done() for future in self.futures)
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> Rollouts:
+        for row in list(self.results):  # answers not yet taken: the row just finished, as a rule
+            sent, sent_sampling = self.requests[row]
+            if sent_sampling == sampling and [list(p) for p in prompts] == sent:
+                return self.results.pop(row)
+        return self.teacher_generate(prompts, sampling)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

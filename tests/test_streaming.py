@@ -1,0 +1,72 @@
+"""The streaming step (``streaming: true``): its planner closes micro-batches as sequences arrive, and on the same
+rollouts and rewrites it gives the synchronous step's gradients (the paper's token mean over the whole step), for OPD
+and TRD, with the rewrites made in one call (a teacher on the trainer's devices) or sent ahead per row on threads (a
+teacher that generates elsewhere: here the demo teacher on other threads, each prompt decoded alone and greedily, so
+both flows get the same rewrites). The served teacher's streaming run is in `tests/teachers/test_vllm_server.py`."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tests.conftest import fit_args, scalars
+from tests.test_module import GradientCapture  # noqa: F401  (the callback the runs name)
+from trd_lightning.cli import main
+from trd_lightning.rollout import Rollouts
+from trd_lightning.streaming import StreamPlanner
+from trd_lightning.teachers import SeparateTeacher
+
+
+class ThreadedTeacher(SeparateTeacher):
+    """The demo teacher, declared able to generate while the trainer computes (as a served teacher is), and decoding each
+    prompt alone, so that a rewrite does not depend on which prompts shared its call."""
+
+    concurrent = True
+
+    def generate(self, prompts, sampling):
+        return Rollouts.join([replace(super(ThreadedTeacher, self).generate([p], sampling), prompt_index=[k] * sampling.n)
+                              for k, p in enumerate(prompts)])
+
+
+def test_the_planner_closes_a_micro_batch_when_the_next_sequence_would_not_fit():
+    packed = StreamPlanner(budget=10, padded=False)
+    assert [packed.add(r, c) for r, c in enumerate([4, 5, 3, 12, 2])] == [[], [], [[0, 1]], [[2]], [[3]]]
+    assert packed.flush() == [[4]] and packed.flush() == []
+    padded = StreamPlanner(budget=10, padded=True)  # rows x the longest
+    assert [padded.add(r, c) for r, c in enumerate([3, 3, 3, 4, 1])] == [[], [], [], [[0, 1, 2]], []]
+    assert padded.flush() == [[3, 4]]
+    whole = StreamPlanner(budget=None, padded=False)
+    assert [whole.add(r, 100) for r in range(3)] == [[], [], []] and whole.flush() == [[0, 1, 2]]
+
+
+def one_step(tmp_path, config: str, name: str, *extra: str):
+    path = tmp_path / f"{name}.pt"
+    main([*fit_args(config, tmp_path, name, 1, "--data.init_args.batch_size=8", "--model.init_args.max_tokens_per_micro_batch=300",
+                    "--model.init_args.gradient_clip_val=null",  # clipping would hide a wrong scale
+                    "--trainer.callbacks+=tests.test_module.GradientCapture", f"--trainer.callbacks.path={path}", *extra)])
+    return torch.load(path, weights_only=True), scalars(tmp_path / name / "version_0")
+
+
+GREEDY_REWRITES = "--model.init_args.refiner.init_args.sampling.greedy=true"
+THREADED = "--model.init_args.teacher.class_path=tests.test_streaming.ThreadedTeacher"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config, extra", [("opd", ()), ("trd", (GREEDY_REWRITES,)), ("trd", (GREEDY_REWRITES, THREADED))],
+                         ids=["opd", "trd", "trd, rewrites sent ahead"])
+def test_streaming_gives_the_synchronous_steps_gradients(config, extra, tmp_path):
+    sync, sync_logged = one_step(tmp_path, config, "sync", *extra)
+    streamed, logged = one_step(tmp_path, config, "streaming", "--model.init_args.streaming=true", *extra)
+    assert logged["step/micro_batches"][0][1] > 1 and sync_logged["step/micro_batches"][0][1] > 1
+    assert logged["train/target_tokens"] == sync_logged["train/target_tokens"]
+    if config == "trd":
+        assert logged["refine/refined_fraction"][0][1] > 0 and logged["refine/refined_fraction"] == sync_logged["refine/refined_fraction"]
+    torch.testing.assert_close(logged["train/loss"][0][1], sync_logged["train/loss"][0][1], atol=1e-5, rtol=1e-5)
+    assert streamed.keys() == sync.keys() and sync
+    for key, value in sync.items():
+        torch.testing.assert_close(streamed[key], value, atol=1e-5, rtol=1e-4, msg=key)
+    if THREADED in extra:
+        assert logged["stream/requests"][0][1] == 8  # every rollout's rewrite went ahead
+        assert "time/stream_wait" in logged and "stream/overlap_fraction" in logged
