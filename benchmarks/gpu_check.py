@@ -24,6 +24,9 @@ The checks:
 - the fused full-vocabulary divergence against a dense one and liger-kernel's fused linear JSD at the same beta:
   the loss, peak ``torch.cuda.max_memory_allocated`` and time of forward and backward;
 - FSDP2 in one process (``ModelParallelStrategy``): one step, and the exported student loads;
+- the streaming step (``streaming: true``) against the synchronous one on the same seed: one TRD step's loss and
+  gradients. The teacher here is in the trainer's process, so the rewrites come in one call and only the training
+  streams; the overlap with a served teacher needs vllm, which the GPU image lacks (``benchmarks/streaming.py``);
 - peak ``torch.cuda.max_memory_allocated`` of the TRD and OPD steps against the memory plan's training phase
   (within 30%: the plan's activations are estimates).
 """
@@ -124,9 +127,13 @@ class StepMeter(Callback):
         self.seconds.append(time.perf_counter() - self.started)
         self.totals.append(dict(outputs["result"].record.totals))
 
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        if trainer.global_step == 0:  # the first step's gradients, as the optimizer gets them
+            self.gradients = {n: p.grad.detach().float().clone() for n, p in module.student.named_parameters() if p.grad is not None}
+
 
 def train(sizes: dict, accelerator: str, root: Path, method: str = "trd", steps: int | None = None, packing: str = "auto",
-          fsdp: bool = False, lora: bool = True):
+          fsdp: bool = False, lora: bool = True, streaming: bool = False):
     """A few optimizer steps of ``method`` on the demo data, with random-weight models built from ``sizes``."""
     from lightning.pytorch import Trainer, seed_everything
 
@@ -150,7 +157,7 @@ def train(sizes: dict, accelerator: str, root: Path, method: str = "trd", steps:
         engine=HFEngine(batch_size=64), sampling=sampling, optimizer=lambda params: torch.optim.AdamW(params, lr=LR),
         max_tokens_per_micro_batch=sizes["budget"], packing=packing, gradient_clip_val=1.0, log_samples_every=0,
         diagnostics_every=0, pivot_tokens=[], export_student=fsdp, max_context_tokens=1024,
-        sharding=Sharding(param_dtype="bfloat16", reduce_dtype="float32"),
+        sharding=Sharding(param_dtype="bfloat16", reduce_dtype="float32"), streaming=streaming,
     )
     data = PromptDataModule(train_path="demo:data/train.jsonl", val_path="demo:data/val.jsonl", prompt_template="demo_student",
                             batch_size=sizes["prompts"], tokenizer=module.tokenizer)
@@ -301,6 +308,20 @@ def check_fsdp2(sizes: dict, accelerator: str, root: Path) -> None:
                      f"1 step in {meter.seconds[0]:.1f} s; exported student_hf loads with {loaded:,} parameters (trained {expected:,})")
 
 
+def check_streaming(sizes: dict, accelerator: str, root: Path) -> None:
+    with Check("streaming vs synchronous TRD step: loss and gradients") as check:
+        _, sync = train(sizes, accelerator, root / "sync", "trd", steps=1)
+        _, streamed = train(sizes, accelerator, root / "streaming", "trd", steps=1, streaming=True)
+        loss, streamed_loss = sync.totals[0]["loss"], streamed.totals[0]["loss"]
+        a = torch.cat([g.flatten() for g in sync.gradients.values()])
+        b = torch.cat([streamed.gradients[n].flatten() for n in sync.gradients])
+        cosine, scale = float(torch.nn.functional.cosine_similarity(a, b, dim=0)), float(b.norm() / a.norm())
+        # bf16 compute: micro-batches cut differently round differently, so the figures agree to bf16's precision
+        ok = abs(streamed_loss / loss - 1) < 1e-2 and cosine > 0.999 and abs(scale - 1) < 1e-2
+        check.record(ok, f"loss {loss:.5f} vs {streamed_loss:.5f}; gradients: cosine {cosine:.6f}, norm ratio {scale:.5f}; "
+                         f"step {sync.seconds[0]:.2f} s vs {streamed.seconds[0]:.2f} s ({streamed.totals[0]['micro_batches']:.0f} micro-batches)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="tiny sizes on the CPU (the same code path)")
@@ -319,6 +340,7 @@ def main() -> int:
         check_packing(sizes, accelerator, root, device)
         check_divergence(sizes, device, on_gpu)
         check_fsdp2(sizes, accelerator, root)
+        check_streaming(sizes, accelerator, root)
 
     where = torch.cuda.get_device_name() if on_gpu else "CPU (tiny sizes)"
     print(f"\ngpu_check on {where}, torch {torch.__version__}, {time.perf_counter() - started:.0f} s")

@@ -23,6 +23,6 @@ def test_the_gpu_check_passes_on_cpu_with_one_table():
     assert [name for name, status in rows.items() if status == "pass"] == [
         "TRD steps: bf16 compute, fp32 LoRA, HF engine", "OPD steps: bf16 compute, fp32 LoRA, HF engine",
         "packed vs padded micro-batch (reference attention), fwd+bwd", "fused vs dense JSD(0.5), V=151,936, T=128, fwd+bwd",
-        "FSDP2, one process (ModelParallelStrategy): a step, then export"]
+        "FSDP2, one process (ModelParallelStrategy): a step, then export", "streaming vs synchronous TRD step: loss and gradients"]
     assert {rows["fused vs liger-kernel fused linear JSD(0.5)"], rows["TRD peak memory vs the memory plan"],
             rows["OPD peak memory vs the memory plan"]} == {"skip"}

@@ -20,8 +20,8 @@ from trd_lightning.verifiers import Verifier
 BAR_FIGURES = {"rollout/accuracy": "accuracy", "rollout/steps_valid": "steps_valid", "step/target_tokens_per_second": "tokens/s"}
 
 # What a sample line carries of the step's per-row measurements.
-SAMPLE_FIELDS = ("y_o_correct", "y_o_steps_valid", "y_o_truncated", "refined", "fallback", "y_r_correct", "y_r_steps_valid", "edit_similarity",
-                 "y_r_logprob_refine", "y_r_logprob_plain")
+SAMPLE_FIELDS = ("y_o_length", "target_length", "y_o_correct", "y_o_steps_valid", "y_o_truncated", "refined", "fallback", "y_r_correct",
+                 "y_r_steps_valid", "edit_similarity", "y_r_logprob_refine", "y_r_logprob_plain")
 
 
 class StepLog(Callback):

@@ -58,14 +58,16 @@ class StreamClock:
     waiting: float = 0.0
     overlapped: float = 0.0
     teacher_span: float = 0.0
+    first_answer: float = 0.0
     requests: int = 0
     max_in_flight: int = 0
 
     def record(self, record) -> None:
         """Into the step's record: times as ``time/stream_wait``, ``time/stream_overlap``, ``time/refine`` (the teacher's
-        span), the slowest rank's; request counts summed over ranks."""
+        span), ``time/stream_first_answer``, the slowest rank's; request counts summed over ranks."""
         if self.requests:
-            record.seconds.update({"stream_wait": self.waiting, "stream_overlap": self.overlapped, "refine": self.teacher_span})
+            record.seconds.update({"stream_wait": self.waiting, "stream_overlap": self.overlapped, "refine": self.teacher_span,
+                                   "stream_first_answer": self.first_answer})
         record.totals.update({"stream_requests": float(self.requests), "stream_max_in_flight": float(self.max_in_flight)})
 
 
@@ -100,6 +102,8 @@ class Prefetch:
             start = time.perf_counter()
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             self.clock.waiting += time.perf_counter() - start
+            if not self.results:
+                self.clock.first_answer = time.perf_counter() - self.start
             for future in sorted(done, key=self.futures.__getitem__):
                 row = self.futures[future]
                 self.results[row] = future.result()

@@ -173,6 +173,31 @@ def test_trd_and_opd_k3_train_two_steps_with_the_server_teacher(server, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.vllm
+def test_streaming_trd_with_the_server_teacher_gives_the_synchronous_gradients(server, tmp_path):
+    """The same step both ways (greedy rewrites, so both flows get the same ones): rewrites sent ahead and trained as
+    they come back, scored by their own decode, give the synchronous step's loss and gradients."""
+    from tests.test_module import GradientCapture  # noqa: F401  (the callback the runs name)
+
+    grads, logged = {}, {}
+    for flow in ("false", "true"):
+        main(fit_args("demo/trd_server.yaml", tmp_path, server.url, "--trainer.max_steps=1", f"--model.init_args.streaming={flow}",
+                      "--model.init_args.refiner.init_args.sampling.greedy=true", "--model.init_args.gradient_clip_val=null",
+                      "--model.init_args.max_tokens_per_micro_batch=300", f"--trainer.logger.init_args.name=streaming_{flow}",
+                      "--trainer.callbacks+=tests.test_module.GradientCapture", f"--trainer.callbacks.path={tmp_path / flow}.pt"))
+        grads[flow] = torch.load(tmp_path / f"{flow}.pt", weights_only=True)
+        logged[flow] = scalars(tmp_path / f"streaming_{flow}" / "version_0")
+    streamed = logged["true"]
+    assert streamed["stream/requests"][0][1] == 8 and streamed["step/decode_scored_tokens"][0][1] > 0
+    assert streamed["step/micro_batches"][0][1] > 1 and "time/stream_wait" in streamed
+    assert streamed["step/decode_scored_tokens"] == logged["false"]["step/decode_scored_tokens"]  # the same rewrites kept
+    torch.testing.assert_close(streamed["train/loss"][0][1], logged["false"]["train/loss"][0][1], atol=1e-4, rtol=1e-4)
+    assert grads["true"].keys() == grads["false"].keys() and grads["false"]
+    for key, value in grads["false"].items():
+        torch.testing.assert_close(grads["true"][key], value, atol=1e-4, rtol=1e-3, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
 def test_a_server_with_another_tokenizer_is_refused_at_start_up(tmp_path):
     """The demo teacher served with '7' and '8' swapped in its tokenizer: same model, same vocabulary size, other ids."""
     model = shutil.copytree(resolve_path("demo:teacher"), tmp_path / "swapped")
@@ -209,11 +234,13 @@ def test_a_hanging_request_times_out_and_is_retried_on_the_next_server(server, l
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_a_server_killed_mid_run_stops_with_last_ckpt_and_the_run_resumes_once_it_is_back(server, tmp_path):
-    """Kept last: it kills the session's server, and starts it again."""
+@pytest.mark.parametrize("streaming", ["false", "true"], ids=["synchronous", "streaming"])
+def test_a_server_killed_mid_run_stops_with_last_ckpt_and_the_run_resumes_once_it_is_back(streaming, server, tmp_path):
+    """Kept last: it kills the session's server, and starts it again. A step cut off mid-way (streaming: with
+    micro-batches already trained) changes no weight: last.ckpt holds the last finished step."""
     args = fit_args("demo/trd_server.yaml", tmp_path, server.url, "--trainer.max_steps=4", "--trainer.callbacks.init_args.every_n_train_steps=1",
                     "--model.init_args.teacher.init_args.max_retries=2", "--model.init_args.teacher.init_args.retry_backoff=0.2",
-                    "--model.init_args.teacher.init_args.timeout=10")
+                    "--model.init_args.teacher.init_args.timeout=10", f"--model.init_args.streaming={streaming}")
     checkpoints = tmp_path / "demo_trd_server" / "version_0" / "checkpoints"
 
     def kill_after_the_first_step():
@@ -229,8 +256,11 @@ def test_a_server_killed_mid_run_stops_with_last_ckpt_and_the_run_resumes_once_i
     message = str(stopped.value)
     assert "teacher server (demo-teacher) gave no answer" in message and "after 3 attempts" in message
     assert f"saved {checkpoints / 'last.ckpt'}" in message and "resume with --ckpt_path last" in message
-    saved_step = torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"]
-    assert 1 <= saved_step < 4
+    saved = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert 1 <= saved["global_step"] < 4
+    finished, = (torch.load(path, weights_only=True) for path in checkpoints.glob(f"*-step={saved['global_step']}.ckpt"))  # its own
+    for key, value in finished["state_dict"].items():  # the cut-off step's partial gradients were never applied
+        assert torch.equal(saved["state_dict"][key], value), key
 
     server.start()  # back, on the same port
     main([*args, "--ckpt_path", "last"])
