@@ -6,16 +6,20 @@ both flows get the same rewrites). The served teacher's streaming run is in `tes
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 
 import pytest
 import torch
 
-from tests.conftest import fit_args, scalars
+from tests.conftest import DEMO_TEACHER, demo_module, fit_args, scalars
 from tests.test_module import GradientCapture  # noqa: F401  (the callback the runs name)
 from trd_lightning.cli import main
-from trd_lightning.rollout import Rollouts
-from trd_lightning.streaming import StreamPlanner
+from trd_lightning.data import PromptDataModule
+from trd_lightning.models import ModelSpec
+from trd_lightning.refiners import TeacherRewrite
+from trd_lightning.rollout import Rollouts, Sampling
+from trd_lightning.streaming import Prefetch, StreamClock, StreamPlanner
 from trd_lightning.teachers import SeparateTeacher
 
 
@@ -28,6 +32,42 @@ class ThreadedTeacher(SeparateTeacher):
     def generate(self, prompts, sampling):
         return Rollouts.join([replace(super(ThreadedTeacher, self).generate([p], sampling), prompt_index=[k] * sampling.n)
                               for k, p in enumerate(prompts)])
+
+
+class GatedTeacher(ThreadedTeacher):
+    """Answers the first request at once, and the others only once ``gate`` is set (or after 20 s)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.gate, self.calls, self.lock = threading.Event(), 0, threading.Lock()
+
+    def generate(self, prompts, sampling):
+        with self.lock:
+            self.calls += 1
+            first = self.calls == 1
+        if not first:
+            self.gate.wait(timeout=20)
+        return super().generate(prompts, sampling)
+
+
+@pytest.mark.slow
+def test_a_rewrite_is_taken_as_soon_as_it_is_written_while_others_are_out():
+    module = demo_module(GatedTeacher(ModelSpec(path=DEMO_TEACHER)), TeacherRewrite(template="demo_refine", sampling=Sampling(greedy=True)))
+    data = PromptDataModule(train_path="demo:data/train.jsonl", prompt_template="demo_student", batch_size=4, tokenizer=module.tokenizer)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    rollouts = module.engine.generate("student", module.student, batch.prompt_ids, module.sampling)
+    requests = module.refiner.generation_requests(batch, rollouts, module.teacher_access)
+    prefetch, parts = Prefetch(module.teacher.generate, requests, 8, StreamClock()), {}
+    try:
+        arrivals = module.arrivals(batch, rollouts, prefetch, parts, requests)
+        first, part = next(arrivals)
+        assert prefetch.in_flight() and len(part.token_ids) == 1  # one row in, the others still being written
+        module.teacher.gate.set()
+        assert sorted([first, *(row for row, _ in arrivals)]) == list(range(len(rollouts))) == sorted(parts)
+    finally:
+        module.teacher.gate.set()
+        prefetch.close()
 
 
 def test_the_planner_closes_a_micro_batch_when_the_next_sequence_would_not_fit():

@@ -39,10 +39,11 @@ def sum_over_ranks(values: list[float], device) -> list[float]:
     return tensor.tolist()
 
 
-def lockstep(has_work: bool, done: bool, device) -> tuple[bool, bool]:
-    """One round of a loop every rank runs together: whether any rank has work this round, and whether all are done."""
+
+def on_all_ranks(flag: bool, device) -> bool:
+    """Whether ``flag`` holds on every rank (each rank calls this at the same point of a loop they run together)."""
     if not distributed():
-        return has_work, done
-    tensor = torch.tensor([int(has_work), int(not done)], device=device)
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return bool(tensor[0]), not bool(tensor[1])
+        return flag
+    tensor = torch.tensor(int(flag), device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN)
+    return bool(tensor)

@@ -20,6 +20,7 @@ import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
+from itertools import chain
 from typing import Literal
 
 import torch
@@ -29,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from trd_lightning.data.prompts import DataError, PromptBatch
 from trd_lightning.diagnostics import DEFAULT_PIVOTS, diagnose_rewrites, pivot_token_ids
-from trd_lightning.distributed import lockstep, sum_over_ranks
+from trd_lightning.distributed import on_all_ranks, sum_over_ranks
 from trd_lightning.evaluation import DistillationEvaluation, check_answers, warn_unreadable_answers
 from trd_lightning.losses import Divergence, DivergenceOutput
 from trd_lightning.memory_plan import PlanError, RunShape, check_fits, largest_budget_that_fits
@@ -547,7 +548,7 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
         student_contexts = batch.prompts_of(rollouts.prompt_index)
-        targets = Targets([[]] * len(rollouts), [""] * len(rollouts), [[]] * len(rollouts), [False] * len(rollouts), [False] * len(rollouts))
+        targets = Targets.blank(len(rollouts))
         packed = self.packs(STUDENT) and self.packs(TEACHER)
         planner = StreamPlanner(self.streaming_budget(student_contexts, rollouts), padded=not packed)
         prefetch = Prefetch(self.teacher.generate, requests, self.max_requests_in_flight, clock) if self.teacher.concurrent else None
@@ -562,18 +563,11 @@ class DistillationModule(DistillationEvaluation, LightningModule):
                         done = True
                         pending.extend(planner.flush())
                         break
-                    first, part = arrived
-                    for k in range(len(part.token_ids)):
-                        row = first + k
-                        for name in ("token_ids", "texts", "teacher_contexts", "refined", "fallback"):
-                            getattr(targets, name)[row] = getattr(part, name)[k]
-                        if k in part.decoded:
-                            targets.decoded[row] = part.decoded[k]
+                    for row in targets.place(*arrived):
                         cost = max(len(student_contexts[row]), len(targets.teacher_contexts[row])) + len(targets.token_ids[row])
                         pending.extend(planner.add(row, cost))
-                rows = pending.popleft() if pending else []
-                anyone, everyone_done = lockstep(bool(rows), done and not rows, self.device)
-                if everyone_done:
+                rows = pending.popleft() if pending else []  # none: this rank is done, and trains a filler while others train
+                if on_all_ranks(not rows, self.device):
                     break
                 run = rows or [min(range(len(rollouts)), key=lambda r: len(targets.token_ids[r]) + len(targets.teacher_contexts[r]))]
                 started, overlapping = time.perf_counter(), prefetch is not None and prefetch.in_flight()
@@ -609,7 +603,7 @@ class DistillationModule(DistillationEvaluation, LightningModule):
             return
         access = replace(self.teacher_access, generate=prefetch.generate)
         asked = {row for row, _, _ in requests}
-        for row in [r for r in range(len(rollouts)) if r not in asked] + list(prefetch.finished()):
+        for row in chain((r for r in range(len(rollouts)) if r not in asked), prefetch.finished()):  # each as it finishes
             parts[row] = self.refiner.refine(batch, rollouts.select([row]), access)
             yield row, parts[row]
 

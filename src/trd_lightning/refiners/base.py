@@ -28,6 +28,19 @@ class Targets:
     metrics: dict[str, list[float]] = field(default_factory=dict)  # the refiner's own per-row values, logged as refine/<name>
     decoded: dict[int, DecodedScores] = field(default_factory=dict)  # rows whose teacher scores came with the rewrite's decode
 
+    @classmethod
+    def blank(cls, rows: int) -> Targets:
+        """Targets of ``rows`` rows still to come (``place``)."""
+        return cls([[]] * rows, [""] * rows, [[]] * rows, [False] * rows, [False] * rows)
+
+    def place(self, first: int, part: Targets) -> range:
+        """``part``'s rows as this one's rows ``first``, ``first + 1``, ...; those rows."""
+        rows = range(first, first + len(part.token_ids))
+        for name in ("token_ids", "texts", "teacher_contexts", "refined", "fallback"):
+            getattr(self, name)[first: rows.stop] = getattr(part, name)
+        self.decoded.update({first + k: scores for k, scores in part.decoded.items()})
+        return rows
+
     @staticmethod
     def join(parts: Sequence[Targets]) -> Targets:
         """``parts`` (each of some rows) one after another: the targets of all their rows."""
