@@ -86,9 +86,12 @@ class Prefetch:
         self.futures: dict[Future, int] = {}
         self.results: dict[int, Rollouts] = {}
         self.start = time.perf_counter()
+        self.answered: list[float] = []  # when each request finished (its thread's clock, not when this thread saw it)
         for row, prompts, sampling in requests:
             row_seeds, seeds = seeds[: len(prompts)], seeds[len(prompts):]
-            self.futures[self.pool.submit(copy_context().run, self.call, prompts, sampling, row_seeds)] = row
+            future = self.pool.submit(copy_context().run, self.call, prompts, sampling, row_seeds)
+            future.add_done_callback(lambda _: self.answered.append(time.perf_counter() - self.start))
+            self.futures[future] = row
         clock.requests, clock.max_in_flight = len(requests), min(max_in_flight, len(requests))
 
     def call(self, prompts, sampling, seeds) -> Rollouts:
@@ -102,13 +105,11 @@ class Prefetch:
             start = time.perf_counter()
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             self.clock.waiting += time.perf_counter() - start
-            if not self.results:
-                self.clock.first_answer = time.perf_counter() - self.start
             for future in sorted(done, key=self.futures.__getitem__):
                 row = self.futures[future]
                 self.results[row] = future.result()
                 yield row
-        self.clock.teacher_span = time.perf_counter() - self.start
+        self.clock.first_answer, self.clock.teacher_span = min(self.answered, default=0.0), max(self.answered, default=0.0)
 
     def in_flight(self) -> bool:
         return any(not future.done() for future in self.futures)
