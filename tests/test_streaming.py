@@ -58,9 +58,9 @@ def test_a_rewrite_is_taken_as_soon_as_it_is_written_while_others_are_out():
     batch = next(iter(data.train_dataloader()))
     rollouts = module.engine.generate("student", module.student, batch.prompt_ids, module.sampling)
     requests = module.refiner.generation_requests(batch, rollouts, module.teacher_access)
-    prefetch, parts = Prefetch(module.teacher.generate, requests, 8, StreamClock()), {}
+    prefetch, parts = Prefetch(module.teacher.generate, requests, 8, StreamClock(), range(len(rollouts))), {}
     try:
-        arrivals = module.arrivals(batch, rollouts, prefetch, parts, requests)
+        arrivals = module.arrivals(batch, rollouts, prefetch, parts)
         first, part = next(arrivals)
         assert prefetch.in_flight() and len(part.token_ids) == 1  # one row in, the others still being written
         module.teacher.gate.set()

@@ -19,8 +19,8 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import replace
-from itertools import chain
 from typing import Literal
 
 import torch
@@ -67,7 +67,7 @@ from trd_lightning.streaming import Prefetch, StreamClock, StreamPlanner
 from trd_lightning.teachers import Teacher
 from trd_lightning.teachers.local import TEACHER, LocalTeacher, SelfTeacher, exclude_reloadable_teacher
 from trd_lightning.verifiers import ExactMatch, Verifier
-from trd_lightning.views import ChatPrompts, Views, build_views
+from trd_lightning.views import ChatPrompts, Views, build_views, pack
 
 
 class SettingsError(ValueError):
@@ -511,15 +511,16 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         return sum_over_ranks([loss], self.device)[0]
 
     def train_micro_batch(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets, rows: Sequence[int], run: Sequence[int],
-                          record: StepRecord, sync: bool, scale: float, counts: tuple[int, int]) -> float:
+                          record: StepRecord, sync: bool, scale: float, counts: tuple[int, int], ahead: dict[int, Future] | None = None) -> float:
         """One micro-batch's forward and backward (``rows``; none: a zero-weight filler pass over ``run``), its tokens
-        weighted for ``counts`` = (target tokens, sequences) and the loss times ``scale``; its loss."""
+        weighted for ``counts`` = (target tokens, sequences) and the loss times ``scale``; its loss. ``ahead``: teacher
+        scores already requested, by row."""
         views = self.make_views(batch, rollouts, targets, run)
         weights = self.divergence.weights(views.target_lengths, tokens=counts[0], sequences=counts[1])
         if not rows:  # a filler pass: this rank has fewer micro-batches' worth of sequences than another
             weights = torch.zeros_like(weights)
         with self.gradient_sync(sync):
-            out, teacher = self.distill(views, weights, record, self.teacher_scores(batch, rollouts, targets, run, views, record))
+            out, teacher = self.distill(views, weights, record, self.teacher_scores(batch, rollouts, targets, run, views, record, ahead))
             with record.timed("backward"):
                 self.manual_backward(out.loss * scale)
         record.totals["processed_tokens"] += views.student.processed_tokens + views.teacher.processed_tokens
@@ -551,19 +552,28 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         targets = Targets.blank(len(rollouts))
         packed = self.packs(STUDENT) and self.packs(TEACHER)
         planner = StreamPlanner(self.streaming_budget(student_contexts, rollouts), padded=not packed)
-        prefetch = Prefetch(self.teacher.generate, requests, self.max_requests_in_flight, clock) if self.teacher.concurrent else None
+        prefetch = (Prefetch(self.teacher.generate, requests, self.max_requests_in_flight, clock, range(len(rollouts)))
+                    if self.teacher.concurrent else None)
+        ahead: dict[int, Future] = {}  # rows whose teacher scores were requested as they arrived (a served teacher)
+        scores_ahead = prefetch is not None and self.teacher.scores == "sparse"  # a teacher off the trainer's devices (served)
         try:
-            arrivals = self.arrivals(batch, rollouts, prefetch, parts, requests)
+            arrivals = self.arrivals(batch, rollouts, prefetch, parts)
             pending: deque[list[int]] = deque()
             done, loss, trained = False, 0.0, 0
             while True:
                 while not pending and not done:
+                    if planner.rows and prefetch is not None and not prefetch.ready():  # train what is open rather than wait
+                        pending.extend(planner.flush())
+                        break
                     arrived = next(arrivals, None)
                     if arrived is None:
                         done = True
                         pending.extend(planner.flush())
                         break
                     for row in targets.place(*arrived):
+                        if scores_ahead and targets.decoded_scores(row) is None:  # its scoring pass, requested now
+                            ahead[row] = prefetch.submit(self.teacher.score, pack([targets.teacher_contexts[row]], [targets.token_ids[row]],
+                                                                                  self.tokenizer.pad_token_id))
                         cost = max(len(student_contexts[row]), len(targets.teacher_contexts[row])) + len(targets.token_ids[row])
                         pending.extend(planner.add(row, cost))
                 rows = pending.popleft() if pending else []  # none: this rank is done, and trains a filler while others train
@@ -571,7 +581,7 @@ class DistillationModule(DistillationEvaluation, LightningModule):
                     break
                 run = rows or [min(range(len(rollouts)), key=lambda r: len(targets.token_ids[r]) + len(targets.teacher_contexts[r]))]
                 started, overlapping = time.perf_counter(), prefetch is not None and prefetch.in_flight()
-                loss += self.train_micro_batch(batch, rollouts, targets, rows, run, record, sync=False, scale=1.0, counts=(1, 1))
+                loss += self.train_micro_batch(batch, rollouts, targets, rows, run, record, sync=False, scale=1.0, counts=(1, 1), ahead=ahead)
                 clock.overlapped += (time.perf_counter() - started) if overlapping else 0.0
                 trained += 1
         finally:
@@ -594,16 +604,14 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         record.totals["loss"] = loss / norm
         return step_targets, sum_over_ranks([loss], self.device)[0] / norm
 
-    def arrivals(self, batch: PromptBatch, rollouts: Rollouts, prefetch: Prefetch | None, parts: dict[int, Targets],
-                 requests) -> Iterator[tuple[int, Targets]]:
+    def arrivals(self, batch: PromptBatch, rollouts: Rollouts, prefetch: Prefetch | None, parts: dict[int, Targets]) -> Iterator[tuple[int, Targets]]:
         """(first row, targets of that row on) as they come: a refinement made in one call; else every row that asks
         the teacher for nothing at once, then each row as its generation request finishes, refined on this thread."""
         if prefetch is None:
             yield from parts.items()
             return
         access = replace(self.teacher_access, generate=prefetch.generate)
-        asked = {row for row, _, _ in requests}
-        for row in chain((r for r in range(len(rollouts)) if r not in asked), prefetch.finished()):  # each as it finishes
+        for row in prefetch.finished():  # each as it finishes
             parts[row] = self.refiner.refine(batch, rollouts.select([row]), access)
             yield row, parts[row]
 
@@ -617,17 +625,23 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         return auto_budget(expected)
 
     def teacher_scores(self, batch: PromptBatch, rollouts: Rollouts, targets: Targets, rows: Sequence[int], views: Views,
-                       record: StepRecord) -> TeacherScores:
+                       record: StepRecord, ahead: dict[int, Future] | None = None) -> TeacherScores:
         """The teacher's scores of one micro-batch (``views``, of ``rows``) in row-major target order: a row's from the
-        decode that wrote its target where it has them (``Targets.decoded_scores``), the others' from a scoring pass."""
+        decode that wrote its target where it has them (``Targets.decoded_scores``), the others' from a scoring pass,
+        or (``ahead``) from the pass the streaming step already requested for each of them."""
         decoded = [targets.decoded_scores(r) if self.teacher.scores == "sparse" else None for r in rows]
         passed = [r for r, scores in zip(rows, decoded) if scores is None]
         record.totals["teacher_pass_tokens"] += sum(len(targets.teacher_contexts[r]) + len(targets.token_ids[r]) for r in passed)
         record.totals["decode_scored_tokens"] += sum(len(scores) for scores in decoded if scores is not None)
         with record.timed("teacher"):
-            if len(passed) == len(rows):
+            if passed and ahead and all(r in ahead for r in passed):
+                scores = SparseScores.cat([ahead.pop(r).result() for r in passed])
+                if len(passed) == len(rows):
+                    return scores
+            elif len(passed) == len(rows):
                 return self.teacher.score(views.teacher)
-            scores = self.teacher.score(self.make_views(batch, rollouts, targets, passed).teacher) if passed else None
+            else:
+                scores = self.teacher.score(self.make_views(batch, rollouts, targets, passed).teacher) if passed else None
         parts, start = [], 0
         for r, own in zip(rows, decoded):
             if own is None:

@@ -73,16 +73,20 @@ class StreamClock:
 
 class Prefetch:
     """Generation requests (row, prompts, sampling) sent ahead on ``max_in_flight`` threads, each with a seed drawn
-    here, in row order, from torch's RNG (as one synchronous call over the same prompts draws them). ``generate``
-    answers a refiner's call from them when it asks for the same prompts and sampling, and calls ``teacher_generate``
-    itself otherwise."""
+    here, in row order, from torch's RNG (as one synchronous call over the same prompts draws them); ``finished``
+    gives the step's ``rows``, those that ask for nothing first. ``generate`` answers a refiner's call from the
+    requests when it asks for the same prompts and sampling, and calls ``teacher_generate`` itself otherwise."""
 
     def __init__(self, teacher_generate: Callable[[Sequence[Sequence[int]], Sampling], Rollouts],
-                 requests: Sequence[tuple[int, list[list[int]], Sampling]], max_in_flight: int, clock: StreamClock):
+                 requests: Sequence[tuple[int, list[list[int]], Sampling]], max_in_flight: int, clock: StreamClock,
+                 rows: Sequence[int] = ()):
         self.teacher_generate, self.clock = teacher_generate, clock
         self.requests = {row: (prompts, sampling) for row, prompts, sampling in requests}
+        self.immediate = [row for row in rows if row not in self.requests]
+        self.pending: set[Future] = set()
+        self.unyielded: list[Future] = []
         seeds = torch.randint(0, 2**31 - 1, (sum(len(prompts) for _, prompts, _ in requests),)).tolist() if requests else []
-        self.pool = ThreadPoolExecutor(max(1, min(max_in_flight, len(requests))), thread_name_prefix="teacher-request")
+        self.pool = ThreadPoolExecutor(max(1, min(max_in_flight, max(len(requests), len(rows)))), thread_name_prefix="teacher-request")
         self.futures: dict[Future, int] = {}
         self.results: dict[int, Rollouts] = {}
         self.start = time.perf_counter()
@@ -99,17 +103,29 @@ class Prefetch:
         return self.teacher_generate(prompts, sampling)
 
     def finished(self) -> Iterator[int]:
-        """Rows as their requests finish (a failed request raises here)."""
-        pending = set(self.futures)
-        while pending:
+        """The rows that ask for nothing, then each row as its request finishes (a failed request raises here)."""
+        while self.immediate:
+            yield self.immediate.pop(0)
+        self.pending = set(self.futures)
+        while self.pending:
             start = time.perf_counter()
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            done, self.pending = wait(self.pending, return_when=FIRST_COMPLETED)
             self.clock.waiting += time.perf_counter() - start
-            for future in sorted(done, key=self.futures.__getitem__):
+            self.unyielded = sorted(done, key=self.futures.__getitem__)
+            while self.unyielded:
+                future = self.unyielded.pop(0)
                 row = self.futures[future]
                 self.results[row] = future.result()
                 yield row
         self.clock.first_answer, self.clock.teacher_span = min(self.answered, default=0.0), max(self.answered, default=0.0)
+
+    def submit(self, call: Callable, *args) -> Future:
+        """Another request (a row's scoring pass) on the same threads."""
+        return self.pool.submit(call, *args)
+
+    def ready(self) -> bool:
+        """Whether ``finished`` has a row to give now, without waiting."""
+        return bool(self.immediate or self.unyielded) or any(future.done() for future in self.pending)
 
     def in_flight(self) -> bool:
         return any(not future.done() for future in self.futures)
