@@ -39,7 +39,6 @@ def sum_over_ranks(values: list[float], device) -> list[float]:
     return tensor.tolist()
 
 
-
 def on_all_ranks(flag: bool, device) -> bool:
     """Whether ``flag`` holds on every rank (each rank calls this at the same point of a loop they run together)."""
     if not distributed():

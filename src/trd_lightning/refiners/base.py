@@ -41,20 +41,17 @@ class Targets:
         self.decoded.update({first + k: scores for k, scores in part.decoded.items()})
         return rows
 
-    @staticmethod
-    def join(parts: Sequence[Targets]) -> Targets:
+    @classmethod
+    def join(cls, parts: Sequence[Targets]) -> Targets:
         """``parts`` (each of some rows) one after another: the targets of all their rows."""
-        rewrites = [part.rewrites for part in parts if part.rewrites is not None]
-        metrics: dict[str, list[float]] = {}
-        decoded, offset = {}, 0
+        joined, first = cls.blank(sum(len(part.token_ids) for part in parts)), 0
         for part in parts:
+            first = joined.place(first, part).stop
             for name, values in part.metrics.items():
-                metrics.setdefault(name, []).extend(values)
-            decoded.update({offset + row: scores for row, scores in part.decoded.items()})
-            offset += len(part.token_ids)
-        lists = [[value for part in parts for value in getattr(part, name)]
-                 for name in ("token_ids", "texts", "teacher_contexts", "refined", "fallback")]
-        return Targets(*lists, rewrites=Rollouts.join(rewrites) if rewrites else None, metrics=metrics, decoded=decoded)
+                joined.metrics.setdefault(name, []).extend(values)
+        rewrites = [part.rewrites for part in parts if part.rewrites is not None]
+        joined.rewrites = Rollouts.join(rewrites) if rewrites else None
+        return joined
 
     def decoded_scores(self, row: int) -> SparseScores | None:
         """The teacher's scores of ``row``'s target from the decode that wrote it, if it has them and the target and its
