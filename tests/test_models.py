@@ -3,6 +3,8 @@ weights an engine receives, remote code off unless asked, and the ChatML fallbac
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -34,6 +36,26 @@ def check_packing(model, vocab, logit_atol=1e-5):
     torch.testing.assert_close(moved[others], packed[others], atol=1e-6, rtol=0)
     assert not torch.allclose(moved[: len(sequences[0]) - 4], packed[: len(sequences[0]) - 4])
     assert packs_correctly(model, "cpu", vocab)
+
+
+def test_last_hidden_at_keeps_its_own_forward_while_another_thread_runs_the_model():
+    model = load_model(ModelSpec(path="demo:student")).eval()
+    inputs, other = pack([[5, 6, 7]], [[8, 9]], 0), pack([[1, 2]], [[3]], 0)
+
+    def another_thread_runs_the_model(*_):  # between this thread's decoder and its head (a teacher generating on a request thread)
+        if threading.current_thread() is threading.main_thread():
+            worker = threading.Thread(target=model, kwargs={"input_ids": other.input_ids})
+            worker.start()
+            worker.join()
+
+    with torch.no_grad():
+        alone = last_hidden_at(model, inputs)
+        hook = model.lm_head.register_forward_hook(another_thread_runs_the_model)
+        try:
+            during = last_hidden_at(model, inputs)
+        finally:
+            hook.remove()
+    torch.testing.assert_close(during, alone, atol=0, rtol=0)
 
 
 def test_packed_forward_equals_each_sequence_alone_demo_qwen3():

@@ -18,7 +18,7 @@ from trd_lightning.cli import main
 from trd_lightning.data import PromptDataModule
 from trd_lightning.models import ModelSpec
 from trd_lightning.refiners import TeacherRewrite
-from trd_lightning.rollout import Rollouts, Sampling
+from trd_lightning.rollout import HFEngine, Rollouts, Sampling
 from trd_lightning.streaming import Prefetch, StreamClock, StreamPlanner
 from trd_lightning.teachers import SeparateTeacher
 
@@ -57,9 +57,9 @@ def test_a_rewrite_is_taken_as_soon_as_it_is_written_while_others_are_out():
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     rollouts = module.engine.generate("student", module.student, batch.prompt_ids, module.sampling)
-    requests = module.refiner.generation_requests(batch, rollouts, module.teacher_access)
-    prefetch, parts = Prefetch(module.teacher.generate, requests, 8, StreamClock(), range(len(rollouts))), {}
+    prefetch, parts = Prefetch(module.teacher.generate, 8, StreamClock()), {}
     try:
+        module.send_ahead(batch, 0, rollouts, prefetch)
         arrivals = module.arrivals(batch, rollouts, prefetch, parts)
         first, part = next(arrivals)
         assert prefetch.in_flight() and len(part.token_ids) == 1  # one row in, the others still being written
@@ -68,6 +68,40 @@ def test_a_rewrite_is_taken_as_soon_as_it_is_written_while_others_are_out():
     finally:
         module.teacher.gate.set()
         prefetch.close()
+
+
+class AskedTeacher(ThreadedTeacher):
+    """Sets ``asked`` at its first generation request."""
+
+    asked = threading.Event()
+
+    def generate(self, prompts, sampling):
+        AskedTeacher.asked.set()
+        return super().generate(prompts, sampling)
+
+
+class PerPromptEngine(HFEngine):
+    """The HF engine, each prompt's rollouts yielded alone (as vLLM's engine yields them when they finish); before the
+    last it waits (up to 20 s) for the teacher's first request, and records whether one came."""
+
+    asked_before_last: list[bool] = []
+
+    def stream(self, role, model, prompts, sampling):
+        for k, prompt in enumerate(prompts):
+            if k == len(prompts) - 1:
+                PerPromptEngine.asked_before_last.append(AskedTeacher.asked.wait(timeout=20))
+            yield k, replace(self.generate(role, model, [prompt], sampling), prompt_index=[k] * sampling.n)
+
+
+@pytest.mark.slow
+def test_rewrites_are_requested_as_the_engine_finishes_each_rollout(tmp_path):
+    AskedTeacher.asked.clear()
+    PerPromptEngine.asked_before_last.clear()
+    _, logged = one_step(tmp_path, "trd", "streaming", "--model.init_args.streaming=true", GREEDY_REWRITES,
+                         "--model.init_args.teacher.class_path=tests.test_streaming.AskedTeacher",
+                         "--model.init_args.engine=tests.test_streaming.PerPromptEngine")
+    assert PerPromptEngine.asked_before_last == [True]  # the teacher was writing while the engine still rolled out
+    assert logged["stream/requests"][0][1] == 8 and logged["refine/refined_fraction"][0][1] > 0
 
 
 def test_the_planner_closes_a_micro_batch_when_the_next_sequence_would_not_fit():

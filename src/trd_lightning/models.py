@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -431,8 +432,9 @@ def last_hidden_at(model: nn.Module, inputs) -> torch.Tensor:
     ``position_ids`` and lets sequences attend to each other. Under FSDP2 the root's parameters (the LM head
     among them) stay gathered after this forward, ready for the fused divergence.
     """
-    captured = []
-    hook = base_model(model).get_decoder().register_forward_hook(lambda module, args, output: captured.append(output.last_hidden_state))
+    captured, caller = [], threading.get_ident()  # only this thread's forward: another may be generating with the model
+    hook = base_model(model).get_decoder().register_forward_hook(
+        lambda module, args, output: captured.append(output.last_hidden_state) if threading.get_ident() == caller else None)
     try:
         model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
               use_cache=False, logits_to_keep=1)

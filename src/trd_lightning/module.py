@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import replace
 from typing import Literal
@@ -452,11 +452,11 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         micro-batches under the token budget; the loss is the token mean over every target token of the global batch."""
         step, record = self.global_step, StepRecord()
         with record.timed("step"):
-            rollouts = self.rollout(batch, record)
-            guarded = self.check_rollout_logprobs(batch, rollouts, record)
             if self.streaming:
-                targets, loss = self.learn_streaming(batch, rollouts, record)
+                rollouts, targets, loss, guarded = self.step_streaming(batch, record)
             else:
+                rollouts = self.rollout(batch, record)
+                guarded = self.check_rollout_logprobs(batch, rollouts, record)
                 with record.timed("refine"):
                     targets = self.refiner.refine(batch, rollouts, self.teacher_access)
                 self.engine.release()  # generation is done: the engines free the device for training (vLLM sleep mode)
@@ -465,9 +465,10 @@ class DistillationModule(DistillationEvaluation, LightningModule):
             self.update(loss, record)
         return {"result": StepResult(step, batch, rollouts, targets, record, "y_r" if self.refiner.rewrites else "y_o", guarded or diagnosed)}
 
-    def rollout(self, batch: PromptBatch, record: StepRecord) -> Rollouts:
+    def rollout(self, batch: PromptBatch, record: StepRecord, each: Callable[[int, Rollouts], None] | None = None) -> Rollouts:
         """The step's rollouts y_o, every prompt in one engine call (decoding is memory-bound: the engine gets the whole
-        step), from the current weights: an engine holding its own copy is synced first, every ``sync_every`` steps."""
+        step), from the current weights: an engine holding its own copy is synced first, every ``sync_every`` steps.
+        ``each``: called with (first row, rollouts) of each prompt as the engine finishes it (``RolloutEngine.stream``)."""
         self.randomness.before_rollout(self.global_rank)
         step = self.global_step
         due = self.synced_at is None or step - self.synced_at >= self.sync_every or not self.engine.has_weights(STUDENT)
@@ -476,7 +477,13 @@ class DistillationModule(DistillationEvaluation, LightningModule):
                 self.engine.sync_weights(STUDENT, self.student)
             self.synced_at = step
         with record.timed("rollout"):
-            return self.engine.generate(STUDENT, self.student, batch.prompt_ids, self.sampling)
+            if each is None:
+                return self.engine.generate(STUDENT, self.student, batch.prompt_ids, self.sampling)
+            parts = {}
+            for k, part in self.engine.stream(STUDENT, self.student, batch.prompt_ids, self.sampling):
+                each(k * self.sampling.n, part)
+                parts[k] = part
+            return Rollouts.join([parts[k] for k in range(len(batch.prompt_ids))])
 
     def check_rollout_logprobs(self, batch: PromptBatch, rollouts: Rollouts, record: StepRecord) -> bool:
         """The stale-weights guard, on its schedule: the engine's log-probabilities of its sampled tokens against the
@@ -532,19 +539,40 @@ class DistillationModule(DistillationEvaluation, LightningModule):
                               student_logprob=out.student_logprobs, pivot_mass=teacher.pivot_mass(self.pivot_ids, out.teacher_lse))
         return float(out.loss.detach())
 
-    def learn_streaming(self, batch: PromptBatch, rollouts: Rollouts, record: StepRecord) -> tuple[Targets, float | None]:
-        """The streaming step (``streaming``): rewrites are sent ahead and taken as they finish, each row joins the
-        planner once its target is in, and each micro-batch the planner closes is trained at once, every target token
-        weighing 1; the gradients are then scaled to the token mean over every rank's tokens. Ranks train in lockstep
-        (each forward of a sharded model is a collective): a round trains one micro-batch on every rank, a filler pass
-        where a rank has none left, until every rank is done. The step's targets, and its loss (None: no target token)."""
+    def step_streaming(self, batch: PromptBatch, record: StepRecord) -> tuple[Rollouts, Targets, float | None, bool]:
+        """The streaming step (``streaming``) up to its update: with a teacher off the trainer's devices, each rollout's
+        rewrite is requested as the engine finishes it (``Prefetch``), then ``learn_streaming`` trains as they come.
+        The rollouts, the targets, the loss, and whether the stale-weights guard ran."""
         clock = StreamClock()
-        access = self.teacher_access
-        requests = self.refiner.generation_requests(batch, rollouts, access) if self.teacher.concurrent else []
+        prefetch = Prefetch(self.teacher.generate, self.max_requests_in_flight, clock) if self.teacher.concurrent else None
+        try:
+            send = None if prefetch is None else lambda first, part: self.send_ahead(batch, first, part, prefetch)
+            rollouts = self.rollout(batch, record, each=send)
+            guarded = self.check_rollout_logprobs(batch, rollouts, record)
+            targets, loss = self.learn_streaming(batch, rollouts, record, prefetch, clock)
+        finally:
+            if prefetch is not None:
+                prefetch.close()
+        return rollouts, targets, loss, guarded
+
+    def send_ahead(self, batch: PromptBatch, first: int, rollouts: Rollouts, prefetch: Prefetch) -> None:
+        """Rows ``first`` on (``rollouts``, one prompt's) into ``prefetch``, each with the generation its refinement asks for."""
+        requests = {row: (prompts, sampling) for row, prompts, sampling in self.refiner.generation_requests(batch, rollouts, self.teacher_access)}
+        for row in range(len(rollouts)):
+            prefetch.add(first + row, *requests.get(row, ()))
+
+    def learn_streaming(self, batch: PromptBatch, rollouts: Rollouts, record: StepRecord, prefetch: Prefetch | None,
+                        clock: StreamClock) -> tuple[Targets, float | None]:
+        """Training as the targets come: each row joins the planner once its target is in (``prefetch``: as its rewrite
+        is written; none: the teacher is in this process and refines every row in one call), and each micro-batch the
+        planner closes is trained at once, every target token weighing 1; the gradients are then scaled to the token
+        mean over every rank's tokens. Ranks train in lockstep (each forward of a sharded model is a collective): a round
+        trains one micro-batch on every rank, a filler pass where a rank has none left, until every rank is done. The
+        step's targets, and its loss (None: no target token)."""
         parts: dict[int, Targets] = {}  # by first row
-        if not self.teacher.concurrent:
+        if prefetch is None:
             with record.timed("refine"):
-                parts[0] = self.refiner.refine(batch, rollouts, access)  # the teacher computes here: one call, as synchronous
+                parts[0] = self.refiner.refine(batch, rollouts, self.teacher_access)  # the teacher computes here: one call, as synchronous
         self.engine.release()
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
@@ -552,41 +580,35 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         targets = Targets.blank(len(rollouts))
         packed = self.packs(STUDENT) and self.packs(TEACHER)
         planner = StreamPlanner(self.streaming_budget(student_contexts, rollouts), padded=not packed)
-        prefetch = (Prefetch(self.teacher.generate, requests, self.max_requests_in_flight, clock, range(len(rollouts)))
-                    if self.teacher.concurrent else None)
         ahead: dict[int, Future] = {}  # rows whose teacher scores were requested as they arrived (a served teacher)
         scores_ahead = prefetch is not None and self.teacher.scores == "sparse"  # a teacher off the trainer's devices (served)
-        try:
-            arrivals = self.arrivals(batch, rollouts, prefetch, parts)
-            pending: deque[list[int]] = deque()
-            done, loss, trained = False, 0.0, 0
-            while True:
-                while not pending and not done:
-                    if planner.rows and prefetch is not None and not prefetch.ready():  # train what is open rather than wait
-                        pending.extend(planner.flush())
-                        break
-                    arrived = next(arrivals, None)
-                    if arrived is None:
-                        done = True
-                        pending.extend(planner.flush())
-                        break
-                    for row in targets.place(*arrived):
-                        if scores_ahead and targets.decoded_scores(row) is None:  # its scoring pass, requested now
-                            ahead[row] = prefetch.submit(self.teacher.score, pack([targets.teacher_contexts[row]], [targets.token_ids[row]],
-                                                                                  self.tokenizer.pad_token_id))
-                        cost = max(len(student_contexts[row]), len(targets.teacher_contexts[row])) + len(targets.token_ids[row])
-                        pending.extend(planner.add(row, cost))
-                rows = pending.popleft() if pending else []  # none: this rank is done, and trains a filler while others train
-                if on_all_ranks(not rows, self.device):
+        arrivals = self.arrivals(batch, rollouts, prefetch, parts)
+        pending: deque[list[int]] = deque()
+        done, loss, trained = False, 0.0, 0
+        while True:
+            while not pending and not done:
+                if planner.rows and prefetch is not None and not prefetch.ready():  # train what is open rather than wait
+                    pending.extend(planner.flush())
                     break
-                run = rows or [min(range(len(rollouts)), key=lambda r: len(targets.token_ids[r]) + len(targets.teacher_contexts[r]))]
-                started, overlapping = time.perf_counter(), prefetch is not None and prefetch.in_flight()
-                loss += self.train_micro_batch(batch, rollouts, targets, rows, run, record, sync=False, scale=1.0, counts=(1, 1), ahead=ahead)
-                clock.overlapped += (time.perf_counter() - started) if overlapping else 0.0
-                trained += 1
-        finally:
-            if prefetch is not None:
-                prefetch.close()
+                arrived = next(arrivals, None)
+                if arrived is None:
+                    done = True
+                    pending.extend(planner.flush())
+                    break
+                for row in targets.place(*arrived):
+                    if scores_ahead and targets.decoded_scores(row) is None:  # its scoring pass, requested now
+                        ahead[row] = prefetch.submit(self.teacher.score, pack([targets.teacher_contexts[row]], [targets.token_ids[row]],
+                                                                              self.tokenizer.pad_token_id))
+                    cost = max(len(student_contexts[row]), len(targets.teacher_contexts[row])) + len(targets.token_ids[row])
+                    pending.extend(planner.add(row, cost))
+            rows = pending.popleft() if pending else []  # none: this rank is done, and trains a filler while others train
+            if on_all_ranks(not rows, self.device):
+                break
+            run = rows or [min(range(len(rollouts)), key=lambda r: len(targets.token_ids[r]) + len(targets.teacher_contexts[r]))]
+            started, overlapping = time.perf_counter(), prefetch is not None and prefetch.in_flight()
+            loss += self.train_micro_batch(batch, rollouts, targets, rows, run, record, sync=False, scale=1.0, counts=(1, 1), ahead=ahead)
+            clock.overlapped += (time.perf_counter() - started) if overlapping else 0.0
+            trained += 1
         step_targets = Targets.join([parts[k] for k in sorted(parts)])
         lengths = [len(t) for t in targets.token_ids]
         tokens, sequences = sum_over_ranks([sum(lengths), sum(n > 0 for n in lengths)], self.device)

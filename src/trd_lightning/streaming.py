@@ -72,31 +72,38 @@ class StreamClock:
 
 
 class Prefetch:
-    """Generation requests (row, prompts, sampling) sent ahead on ``max_in_flight`` threads, each with a seed drawn
-    here, in row order, from torch's RNG (as one synchronous call over the same prompts draws them); ``finished``
-    gives the step's ``rows``, those that ask for nothing first. ``generate`` answers a refiner's call from the
-    requests when it asks for the same prompts and sampling, and calls ``teacher_generate`` itself otherwise."""
+    """Generation requests sent to the teacher as their rows are known (``add``: as each rollout finishes), on up to
+    ``max_in_flight`` threads, each with seeds drawn on the trainer's thread from torch's RNG as the request is added
+    (in row order, as one synchronous call over the same prompts draws them, when rows are added in order).
+    ``finished`` gives every added row: those that ask for nothing first, then each as its request finishes.
+    ``generate`` answers a refiner's call from the requests when it asks for the same prompts and sampling, and calls
+    ``teacher_generate`` itself otherwise."""
 
-    def __init__(self, teacher_generate: Callable[[Sequence[Sequence[int]], Sampling], Rollouts],
-                 requests: Sequence[tuple[int, list[list[int]], Sampling]], max_in_flight: int, clock: StreamClock,
-                 rows: Sequence[int] = ()):
-        self.teacher_generate, self.clock = teacher_generate, clock
-        self.requests = {row: (prompts, sampling) for row, prompts, sampling in requests}
-        self.immediate = [row for row in rows if row not in self.requests]
+    def __init__(self, teacher_generate: Callable[[Sequence[Sequence[int]], Sampling], Rollouts], max_in_flight: int, clock: StreamClock):
+        self.teacher_generate, self.max_in_flight, self.clock = teacher_generate, max_in_flight, clock
+        self.pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="teacher-request")
+        self.requests: dict[int, tuple[list[list[int]], Sampling]] = {}
+        self.immediate: list[int] = []
+        self.futures: dict[Future, int] = {}
         self.pending: set[Future] = set()
         self.unyielded: list[Future] = []
-        seeds = torch.randint(0, 2**31 - 1, (sum(len(prompts) for _, prompts, _ in requests),)).tolist() if requests else []
-        self.pool = ThreadPoolExecutor(max(1, min(max_in_flight, max(len(requests), len(rows)))), thread_name_prefix="teacher-request")
-        self.futures: dict[Future, int] = {}
         self.results: dict[int, Rollouts] = {}
-        self.start = time.perf_counter()
+        self.start: float | None = None  # the first request
         self.answered: list[float] = []  # when each request finished (its thread's clock, not when this thread saw it)
-        for row, prompts, sampling in requests:
-            row_seeds, seeds = seeds[: len(prompts)], seeds[len(prompts):]
-            future = self.pool.submit(copy_context().run, self.call, prompts, sampling, row_seeds)
-            future.add_done_callback(lambda _: self.answered.append(time.perf_counter() - self.start))
-            self.futures[future] = row
-        clock.requests, clock.max_in_flight = len(requests), min(max_in_flight, len(requests))
+
+    def add(self, row: int, prompts: list[list[int]] | None = None, sampling: Sampling | None = None) -> None:
+        """A row of the step, and the teacher generation its refinement will ask for (none: it asks for nothing)."""
+        if prompts is None:
+            self.immediate.append(row)
+            return
+        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
+        self.start = time.perf_counter() if self.start is None else self.start
+        self.requests[row] = (prompts, sampling)
+        future = self.pool.submit(copy_context().run, self.call, prompts, sampling, seeds)
+        future.add_done_callback(lambda _: self.answered.append(time.perf_counter() - self.start))
+        self.futures[future] = row
+        self.clock.requests += 1
+        self.clock.max_in_flight = max(self.clock.max_in_flight, min(self.max_in_flight, sum(not f.done() for f in self.futures)))
 
     def call(self, prompts, sampling, seeds) -> Rollouts:
         GENERATION_SEEDS.set(seeds)

@@ -14,7 +14,7 @@ from trd_lightning.cli import main  # noqa: E402
 from trd_lightning.data import PromptDataModule  # noqa: E402
 from trd_lightning.models import ModelSpec  # noqa: E402
 from trd_lightning.module import DistillationModule  # noqa: E402
-from trd_lightning.rollout import HFEngine, LogprobGuard, Sampling, StaleWeightsError, VLLMEngine  # noqa: E402
+from trd_lightning.rollout import HFEngine, LogprobGuard, Rollouts, Sampling, StaleWeightsError, VLLMEngine  # noqa: E402
 from trd_lightning.rollout.base import STUDENT  # noqa: E402
 from trd_lightning.teachers import SeparateTeacher  # noqa: E402
 
@@ -83,6 +83,38 @@ def test_sampling_is_seeded_from_torch_and_reports_n_per_prompt(setup):
     assert first.prompt_index == [i for i in range(4) for _ in range(3)]
     assert len({tuple(t) for t in first.token_ids}) > 4  # samples differ within a prompt
     assert gap(module, batch, first) < 1e-3  # the sampled tokens' raw log-probabilities, as the trainer computes them
+
+
+def test_the_stream_gives_each_prompt_as_it_finishes_and_what_generate_gives(setup):
+    module, batch = setup
+    module.engine.sync_weights(STUDENT, module.student)
+    prompts = batch.prompt_ids[:8]
+    sampling = Sampling(temperature=1.0, max_new_tokens=96, n=2)
+    torch.manual_seed(5)
+    expected = module.engine.generate(STUDENT, module.student, prompts, sampling)
+    torch.manual_seed(5)
+    arrived = list(module.engine.stream(STUDENT, module.student, prompts, sampling))
+    parts = dict(arrived)
+    assert sorted(parts) == list(range(8)) and all(parts[k].prompt_index == [k, k] for k in parts)
+    joined = Rollouts.join([parts[k] for k in range(8)])
+    assert (joined.token_ids, joined.logprobs) == (expected.token_ids, expected.logprobs)  # the same seeds, the same samples
+    # A prompt is done when its longer completion is (one token per engine step): they come out in that order. The demo
+    # student writes a fixed-length chain at any temperature, so a token that comes first at many places in it (a
+    # digit) is made a stop token here.
+    first_at = {t: {ids.index(t) for ids in expected.token_ids if t in ids} for ids in expected.token_ids for t in ids}
+    stop = max(first_at, key=lambda t: len(first_at[t]))
+    stop_ids, module.engine.stop_ids = module.engine.stop_ids, module.engine.stop_ids | {stop}
+    try:
+        arrived = list(module.engine.stream(STUDENT, module.student, prompts, sampling))
+    finally:
+        module.engine.stop_ids = stop_ids
+    done_at = [max(len(ids) for ids in part.token_ids) for _, part in arrived]
+    assert done_at == sorted(done_at) and len(set(done_at)) > 1, done_at
+
+    stream = module.engine.stream(STUDENT, module.student, prompts, sampling)
+    next(stream)
+    stream.close()  # the caller stops early: the rest is aborted, not left queued for the next call
+    assert not module.engine.engines[STUDENT].llm_engine.has_unfinished_requests()
 
 
 @pytest.mark.parametrize("method", ["trd"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -93,7 +93,9 @@ class Rollouts:
 
     @staticmethod
     def join(parts: Sequence[Rollouts]) -> Rollouts:
-        """``parts`` one after another (an optional field only where every part has it)."""
+        """``parts`` one after another (an optional field only where every part has it; none: no rollouts)."""
+        if not parts:
+            return Rollouts([], [], [], [])
         columns = zip(*(part.fields() for part in parts))
         return Rollouts(*(None if any(c is None for c in column) else [v for c in column for v in c] for column in columns))
 
@@ -140,6 +142,13 @@ class RolloutEngine(ABC):
     @abstractmethod
     def generate(self, role: str, model: nn.Module, prompts: Sequence[Sequence[int]], sampling: Sampling) -> Rollouts:
         """``sampling.n`` completions of each prompt, grouped by prompt."""
+
+    def stream(self, role: str, model: nn.Module, prompts: Sequence[Sequence[int]], sampling: Sampling) -> Iterator[tuple[int, Rollouts]]:
+        """What ``generate`` returns, one prompt at a time as its ``n`` completions finish: (prompt k, its completions, with
+        ``prompt_index`` k). Here, an engine that finishes a batch together: all of them once ``generate`` returns."""
+        rollouts = self.generate(role, model, prompts, sampling)
+        for k in range(len(prompts)):
+            yield k, rollouts.select([i for i, owner in enumerate(rollouts.prompt_index) if owner == k])
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)

@@ -12,6 +12,7 @@ its own prompts); starting an engine is then a collective, which every rank reac
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -133,6 +134,7 @@ class VLLMEngine(RolloutEngine):
         self.max_num_batched_tokens = max_num_batched_tokens
         self.sleeper = ProcessSleep(sleep_level)  # checks the level now; setup() learns sync_every
         self.engines: dict = {}  # role -> vllm.LLM
+        self.calls = itertools.count()  # numbers each call's request ids
         self._folders: list[tempfile.TemporaryDirectory] = []
 
     def setup(self, tokenizer, stop_ids, placement=None, sync_every: int = 1) -> None:
@@ -222,38 +224,57 @@ class VLLMEngine(RolloutEngine):
 
     # -- generation ----------------------------------------------------------------------------------
     def generate(self, role: str, model: nn.Module, prompts: Sequence[Sequence[int]], sampling: Sampling) -> Rollouts:
+        parts = dict(self.stream(role, model, prompts, sampling))
+        return Rollouts.join([parts[k] for k in range(len(prompts))])
+
+    def stream(self, role: str, model: nn.Module, prompts: Sequence[Sequence[int]], sampling: Sampling) -> Iterator[tuple[int, Rollouts]]:
+        """Every prompt's requests go in at once (one engine, batched as ``generate``'s one call would be), and the
+        engine is stepped here: each prompt comes out as its ``n`` completions finish."""
         if not self.has_weights(role):
             raise RuntimeError(
                 f"the vLLM engine holds no {role} weights: sync_weights({role!r}, model) must run before it generates "
                 "(the trainer does this; a custom loop must too)"
             )
         params = [self._params(sampling, seed) for seed in request_seeds(len(prompts))]
-        requests = [{"prompt_token_ids": list(p)} for p in prompts]
         if self.sleeps:
             self.sleeper.before_generate(role)
+        engine = self.engines[role].llm_engine
+        call = next(self.calls)
+        prompt_of = {f"{role}-{call}-{k}": k for k in range(len(prompts))}  # our own ids: outputs carry them
         with plain_torch_state():
-            outputs = self.engines[role].generate(requests, params, use_tqdm=False)
+            for (request_id, k), param in zip(prompt_of.items(), params):
+                engine.add_request(request_id, {"prompt_token_ids": list(prompts[k])}, param)
+        try:
+            while prompt_of:
+                with plain_torch_state():
+                    outputs = engine.step()
+                for output in outputs:
+                    if output.finished:
+                        k = prompt_of.pop(output.request_id)
+                        yield k, self.completions(k, output, sampling)
+        finally:
+            if prompt_of:  # the caller stopped early (an error): nothing of this call stays queued in the engine
+                engine.abort_request(list(prompt_of))
+
+    def completions(self, k: int, output, sampling: Sampling) -> Rollouts:
+        """One prompt's finished request as ``Rollouts``: its ``n`` completions, cut after the first stop token."""
         token_ids, truncated, logprobs = [], [], []
-        for output in outputs:  # in request order; each holds its n completions
-            for completion in output.outputs:
-                ids, cut = split_completion(completion.token_ids, self.stop_ids, sampling.max_new_tokens)
-                token_ids.append(ids)
-                truncated.append(cut)
-                logprobs.append([step[token].logprob for step, token in zip(completion.logprobs, ids)])
-        return Rollouts(
-            prompt_index=[i for i in range(len(prompts)) for _ in range(sampling.n)],
-            token_ids=token_ids,
-            texts=[self.decode(ids) for ids in token_ids],
-            truncated=truncated,
-            logprobs=logprobs,
-        )
+        for completion in output.outputs:
+            ids, cut = split_completion(completion.token_ids, self.stop_ids, sampling.max_new_tokens)
+            token_ids.append(ids)
+            truncated.append(cut)
+            logprobs.append([step[token].logprob for step, token in zip(completion.logprobs, ids)])
+        return Rollouts(prompt_index=[k] * len(token_ids), token_ids=token_ids, texts=[self.decode(ids) for ids in token_ids],
+                        truncated=truncated, logprobs=logprobs)
 
     def _params(self, sampling: Sampling, seed: int):
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         # logprobs=0: the sampled token's log-probability, under the raw (temperature 1, unfiltered) distribution.
         common = {"n": sampling.n, "max_tokens": sampling.max_new_tokens, "stop_token_ids": sorted(self.stop_ids),
-                  "logprobs": 0, "seed": seed, "detokenize": False}
+                  "logprobs": 0, "seed": seed, "detokenize": False,
+                  "output_kind": RequestOutputKind.FINAL_ONLY}  # a request's output once, when it is done
         if sampling.greedy:
             return SamplingParams(temperature=0.0, **common)
         return SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or -1, **common)
