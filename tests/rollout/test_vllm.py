@@ -117,9 +117,9 @@ def test_the_stream_gives_each_prompt_as_it_finishes_and_what_generate_gives(set
     assert not module.engine.engines[STUDENT].llm_engine.has_unfinished_requests()
 
 
-@pytest.mark.parametrize("method", ["trd"])
-def test_two_training_steps_through_the_cli_with_weight_sync(method, tmp_path):
-    main(["fit", "--config", str(ROOT / "configs" / "demo" / f"{method}.yaml"), "--trainer.max_steps=2",
+@pytest.mark.parametrize("streaming", ["false", "true"], ids=["synchronous", "streaming"])
+def test_two_trd_steps_through_the_cli_with_weight_sync(streaming, tmp_path):
+    main(["fit", "--config", str(ROOT / "configs" / "demo" / "trd.yaml"), "--trainer.max_steps=2", f"--model.init_args.streaming={streaming}",
           "--model.init_args.engine=trd_lightning.rollout.VLLMEngine", "--model.init_args.logprob_guard=trd_lightning.rollout.LogprobGuard",
           "--model.init_args.logprob_guard.stop=true",
           "--model.init_args.logprob_guard.every=1",

@@ -173,14 +173,17 @@ def test_trd_and_opd_k3_train_two_steps_with_the_server_teacher(server, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_streaming_trd_with_the_server_teacher_gives_the_synchronous_gradients(server, tmp_path):
-    """The same step both ways (greedy rewrites, so both flows get the same ones): rewrites sent ahead and trained as
-    they come back, scored by their own decode, give the synchronous step's loss and gradients."""
+@pytest.mark.parametrize("engine", ["HFEngine", "VLLMEngine"])
+def test_streaming_trd_with_the_server_teacher_gives_the_synchronous_gradients(engine, server, tmp_path):
+    """The same step both ways (greedy rewrites, so both flows get the same ones): rewrites sent ahead (with the vLLM
+    engine, each as its rollout finishes) and trained as they come back, scored by their own decode, give the
+    synchronous step's loss and gradients."""
     from tests.test_module import GradientCapture  # noqa: F401  (the callback the runs name)
 
     grads, logged = {}, {}
     for flow in ("false", "true"):
         main(fit_args("demo/trd_server.yaml", tmp_path, server.url, "--trainer.max_steps=1", f"--model.init_args.streaming={flow}",
+                      f"--model.init_args.engine=trd_lightning.rollout.{engine}",
                       "--model.init_args.refiner.init_args.sampling.greedy=true", "--model.init_args.gradient_clip_val=null",
                       "--model.init_args.max_tokens_per_micro_batch=300", f"--trainer.logger.init_args.name=streaming_{flow}",
                       "--trainer.callbacks+=tests.test_module.GradientCapture", f"--trainer.callbacks.path={tmp_path / flow}.pt"))
