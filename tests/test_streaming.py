@@ -21,6 +21,7 @@ from trd_lightning.refiners import TeacherRewrite
 from trd_lightning.rollout import HFEngine, Rollouts, Sampling
 from trd_lightning.streaming import Prefetch, StreamClock, StreamPlanner
 from trd_lightning.teachers import SeparateTeacher
+from trd_lightning.teachers.base import GENERATION_SEEDS
 
 
 class ThreadedTeacher(SeparateTeacher):
@@ -57,7 +58,7 @@ def test_a_rewrite_is_taken_as_soon_as_it_is_written_while_others_are_out():
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     rollouts = module.engine.generate("student", module.student, batch.prompt_ids, module.sampling)
-    prefetch, parts = Prefetch(module.teacher.generate, 8, StreamClock()), {}
+    prefetch, parts = Prefetch(module.teacher.generate, 8, StreamClock(), len(rollouts)), {}
     try:
         module.send_ahead(batch, 0, rollouts, prefetch)
         arrivals = module.arrivals(batch, rollouts, prefetch, parts)
@@ -102,6 +103,27 @@ def test_rewrites_are_requested_as_the_engine_finishes_each_rollout(tmp_path):
                          "--model.init_args.engine=tests.test_streaming.PerPromptEngine")
     assert PerPromptEngine.asked_before_last == [True]  # the teacher was writing while the engine still rolled out
     assert logged["stream/requests"][0][1] == 8 and logged["refine/refined_fraction"][0][1] > 0
+
+
+def test_a_rows_rewrite_seed_does_not_depend_on_when_its_rollout_finished():
+    def seeds_by_row(order):
+        sent = {}
+
+        def generate(prompts, sampling):
+            sent[prompts[0][0]] = GENERATION_SEEDS.get()  # the prompt names its row
+            return Rollouts([0], [[1]], ["x"], [False])
+
+        torch.manual_seed(11)
+        prefetch = Prefetch(generate, 4, StreamClock(), rows=4)
+        for row in order:
+            prefetch.add(row, *([] if row == 2 else [[[row]], Sampling()]))  # row 2 asks for nothing
+        assert sorted(prefetch.finished()) == [0, 1, 2, 3]
+        prefetch.close()
+        return sent
+
+    torch.manual_seed(11)
+    synchronous = torch.randint(0, 2**31 - 1, (4,)).tolist()  # one call over every row draws one seed per row, in order
+    assert seeds_by_row([0, 1, 2, 3]) == seeds_by_row([3, 1, 0, 2]) == {r: [synchronous[r]] for r in (0, 1, 3)}
 
 
 def test_the_planner_closes_a_micro_batch_when_the_next_sequence_would_not_fit():

@@ -544,7 +544,8 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         rewrite is requested as the engine finishes it (``Prefetch``), then ``learn_streaming`` trains as they come.
         The rollouts, the targets, the loss, and whether the stale-weights guard ran."""
         clock = StreamClock()
-        prefetch = Prefetch(self.teacher.generate, self.max_requests_in_flight, clock) if self.teacher.concurrent else None
+        prefetch = (Prefetch(self.teacher.generate, self.max_requests_in_flight, clock, len(batch.prompt_ids) * self.sampling.n)
+                    if self.teacher.concurrent else None)
         try:
             send = None if prefetch is None else lambda first, part: self.send_ahead(batch, first, part, prefetch)
             rollouts = self.rollout(batch, record, each=send)

@@ -73,14 +73,17 @@ class StreamClock:
 
 class Prefetch:
     """Generation requests sent to the teacher as their rows are known (``add``: as each rollout finishes), on up to
-    ``max_in_flight`` threads, each with seeds drawn on the trainer's thread from torch's RNG as the request is added
-    (in row order, as one synchronous call over the same prompts draws them, when rows are added in order).
-    ``finished`` gives every added row: those that ask for nothing first, then each as its request finishes.
-    ``generate`` answers a refiner's call from the requests when it asks for the same prompts and sampling, and calls
-    ``teacher_generate`` itself otherwise."""
+    ``max_in_flight`` threads. Seeds: one per row of the step, drawn from torch's RNG in row order when the first
+    row comes (after the engine's own draws), so a row's seed never depends on when its rollout finished; where
+    every row asks for a rewrite these are the draws of the synchronous step's one call. ``finished`` gives every
+    added row: those that ask for nothing first, then each as its request finishes. ``generate`` answers a refiner's
+    call from the requests when it asks for the same prompts and sampling, and calls ``teacher_generate`` itself
+    otherwise."""
 
-    def __init__(self, teacher_generate: Callable[[Sequence[Sequence[int]], Sampling], Rollouts], max_in_flight: int, clock: StreamClock):
-        self.teacher_generate, self.max_in_flight, self.clock = teacher_generate, max_in_flight, clock
+    def __init__(self, teacher_generate: Callable[[Sequence[Sequence[int]], Sampling], Rollouts], max_in_flight: int, clock: StreamClock,
+                 rows: int):
+        self.teacher_generate, self.max_in_flight, self.clock, self.rows = teacher_generate, max_in_flight, clock, rows
+        self.seeds: list[int] | None = None
         self.pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="teacher-request")
         self.requests: dict[int, tuple[list[list[int]], Sampling]] = {}
         self.immediate: list[int] = []
@@ -93,10 +96,12 @@ class Prefetch:
 
     def add(self, row: int, prompts: list[list[int]] | None = None, sampling: Sampling | None = None) -> None:
         """A row of the step, and the teacher generation its refinement will ask for (none: it asks for nothing)."""
+        if self.seeds is None:
+            self.seeds = torch.randint(0, 2**31 - 1, (self.rows,)).tolist()
         if prompts is None:
             self.immediate.append(row)
             return
-        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
+        seeds = [self.seeds[row] + j for j in range(len(prompts))]  # a request of several prompts (none of ours): one each
         self.start = time.perf_counter() if self.start is None else self.start
         self.requests[row] = (prompts, sampling)
         future = self.pool.submit(copy_context().run, self.call, prompts, sampling, seeds)
