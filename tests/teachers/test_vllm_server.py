@@ -159,40 +159,49 @@ def test_trd_and_opd_k3_train_two_steps_with_the_server_teacher(server, tmp_path
     assert [s for s, _ in trd["train/loss"]] == [0, 1] and all(v > 0 for _, v in trd["refine/refined_fraction"])  # the server rewrote
     assert all(v > 0 for _, v in trd["step/decode_scored_tokens"])  # accepted rewrites were scored by their own decode
 
-    overlay = tmp_path / "server_teacher.yaml"  # OPD's config, its teacher served, k3 (the target's log-probability only)
-    overlay.write_text(json.dumps({"model": {"init_args": {
-        "teacher": {"class_path": "trd_lightning.teachers.VLLMServerTeacher", "init_args": {"urls": [server.url], "model": NAME, "top_k": 0}},
-        "divergence": {"class_path": "trd_lightning.losses.Divergence",
-                       "init_args": {"direction": "reverse", "support": "sampled", "estimator": "k3"}},
-    }}}))
-    main([*fit_args("demo/opd.yaml", tmp_path), "--config", str(overlay)])
+    main(served_opd(tmp_path, server.url))
     opd = scalars(tmp_path / "demo_opd" / "version_0")
     assert [s for s, _ in opd["train/loss"]] == [0, 1]
     assert all(torch.isfinite(torch.tensor(v)) for _, v in opd["train/loss"])
 
 
+def served_opd(tmp_path, url: str) -> list[str]:
+    """OPD's demo config with its teacher served, and k3 (the target's log-probability only)."""
+    overlay = tmp_path / "served_opd.yaml"
+    overlay.write_text(json.dumps({"model": {"init_args": {
+        "teacher": {"class_path": "trd_lightning.teachers.VLLMServerTeacher", "init_args": {"urls": [url], "model": NAME, "top_k": 0}},
+        "divergence": {"class_path": "trd_lightning.losses.Divergence",
+                       "init_args": {"direction": "reverse", "support": "sampled", "estimator": "k3"}},
+    }}}))
+    return [*fit_args("demo/opd.yaml", tmp_path), "--config", str(overlay)]
+
+
 @pytest.mark.slow
 @pytest.mark.vllm
-@pytest.mark.parametrize("engine", ["HFEngine", "VLLMEngine"])
-def test_streaming_trd_with_the_server_teacher_gives_the_synchronous_gradients(engine, server, tmp_path):
-    """The same step both ways (greedy rewrites, so both flows get the same ones): rewrites sent ahead (with the vLLM
-    engine, each as its rollout finishes) and trained as they come back, scored by their own decode, give the
-    synchronous step's loss and gradients."""
+@pytest.mark.parametrize("method, engine", [("trd", "HFEngine"), ("trd", "VLLMEngine"), ("opd", "VLLMEngine")])
+def test_streaming_with_the_server_teacher_gives_the_synchronous_gradients(method, engine, server, tmp_path):
+    """The same step both ways (greedy rewrites, so both flows get the same ones): TRD's rewrites sent ahead (with the
+    vLLM engine, each as its rollout finishes) and trained as they come back, scored by their own decode, and OPD's
+    scoring passes requested as each rollout is in, give the synchronous step's loss and gradients."""
     from tests.test_module import GradientCapture  # noqa: F401  (the callback the runs name)
 
+    args = (fit_args("demo/trd_server.yaml", tmp_path, server.url, "--model.init_args.refiner.init_args.sampling.greedy=true")
+            if method == "trd" else served_opd(tmp_path, server.url))
     grads, logged = {}, {}
     for flow in ("false", "true"):
-        main(fit_args("demo/trd_server.yaml", tmp_path, server.url, "--trainer.max_steps=1", f"--model.init_args.streaming={flow}",
-                      f"--model.init_args.engine=trd_lightning.rollout.{engine}",
-                      "--model.init_args.refiner.init_args.sampling.greedy=true", "--model.init_args.gradient_clip_val=null",
-                      "--model.init_args.max_tokens_per_micro_batch=300", f"--trainer.logger.init_args.name=streaming_{flow}",
-                      "--trainer.callbacks+=tests.test_module.GradientCapture", f"--trainer.callbacks.path={tmp_path / flow}.pt"))
+        main([*args, "--trainer.max_steps=1", f"--model.init_args.streaming={flow}", f"--model.init_args.engine=trd_lightning.rollout.{engine}",
+              "--model.init_args.gradient_clip_val=null", "--model.init_args.max_tokens_per_micro_batch=300",
+              f"--trainer.logger.init_args.name=streaming_{flow}", "--trainer.callbacks+=tests.test_module.GradientCapture",
+              f"--trainer.callbacks.path={tmp_path / flow}.pt"])
         grads[flow] = torch.load(tmp_path / f"{flow}.pt", weights_only=True)
         logged[flow] = scalars(tmp_path / f"streaming_{flow}" / "version_0")
     streamed = logged["true"]
-    assert streamed["stream/requests"][0][1] == 8 and streamed["step/decode_scored_tokens"][0][1] > 0
-    assert streamed["step/micro_batches"][0][1] > 1 and "time/stream_wait" in streamed
-    assert streamed["step/decode_scored_tokens"] == logged["false"]["step/decode_scored_tokens"]  # the same rewrites kept
+    assert streamed["step/micro_batches"][0][1] > 1
+    if method == "trd":
+        assert streamed["stream/requests"][0][1] == 8 and streamed["step/decode_scored_tokens"][0][1] > 0 and "time/stream_wait" in streamed
+        assert streamed["step/decode_scored_tokens"] == logged["false"]["step/decode_scored_tokens"]  # the same rewrites kept
+    else:  # nothing to write: every row's scoring pass went out as its rollout came in
+        assert streamed["stream/requests"][0][1] == 0 and streamed["step/teacher_pass_tokens"][0][1] > 0
     torch.testing.assert_close(streamed["train/loss"][0][1], logged["false"]["train/loss"][0][1], atol=1e-4, rtol=1e-4)
     assert grads["true"].keys() == grads["false"].keys() and grads["false"]
     for key, value in grads["false"].items():
