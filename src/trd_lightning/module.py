@@ -656,15 +656,14 @@ class DistillationModule(DistillationEvaluation, LightningModule):
         passed = [r for r, scores in zip(rows, decoded) if scores is None]
         record.totals["teacher_pass_tokens"] += sum(len(targets.teacher_contexts[r]) + len(targets.token_ids[r]) for r in passed)
         record.totals["decode_scored_tokens"] += sum(len(scores) for scores in decoded if scores is not None)
+        scores = None  # of the rows in ``passed``, one after another
         with record.timed("teacher"):
             if passed and ahead and all(r in ahead for r in passed):
                 scores = SparseScores.cat([ahead.pop(r).result() for r in passed])
-                if len(passed) == len(rows):
-                    return scores
-            elif len(passed) == len(rows):
-                return self.teacher.score(views.teacher)
-            else:
-                scores = self.teacher.score(self.make_views(batch, rollouts, targets, passed).teacher) if passed else None
+            elif passed:
+                scores = self.teacher.score(views.teacher if len(passed) == len(rows) else self.make_views(batch, rollouts, targets, passed).teacher)
+        if len(passed) == len(rows):
+            return scores
         parts, start = [], 0
         for r, own in zip(rows, decoded):
             if own is None:

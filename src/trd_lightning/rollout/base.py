@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -90,6 +90,12 @@ class Rollouts:
     def select(self, rows: Sequence[int]) -> Rollouts:
         pick = lambda values: None if values is None else [values[i] for i in rows]  # noqa: E731
         return Rollouts(*(pick(v) for v in self.fields()))
+
+    @staticmethod
+    def in_prompt_order(parts: Iterable[tuple[int, Rollouts]]) -> Rollouts:
+        """One prompt's rollouts at a time (prompt k, its rollouts), as ``RolloutEngine.stream`` gives them, joined in
+        prompt order."""
+        return Rollouts.join([part for _, part in sorted(parts, key=lambda pair: pair[0])])
 
     @staticmethod
     def join(parts: Sequence[Rollouts]) -> Rollouts:

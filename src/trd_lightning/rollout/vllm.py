@@ -224,8 +224,7 @@ class VLLMEngine(RolloutEngine):
 
     # -- generation ----------------------------------------------------------------------------------
     def generate(self, role: str, model: nn.Module, prompts: Sequence[Sequence[int]], sampling: Sampling) -> Rollouts:
-        parts = dict(self.stream(role, model, prompts, sampling))
-        return Rollouts.join([parts[k] for k in range(len(prompts))])
+        return Rollouts.in_prompt_order(self.stream(role, model, prompts, sampling))
 
     def stream(self, role: str, model: nn.Module, prompts: Sequence[Sequence[int]], sampling: Sampling) -> Iterator[tuple[int, Rollouts]]:
         """Every prompt's requests go in at once (one engine, batched as ``generate``'s one call would be), and the
